@@ -1,0 +1,3 @@
+"""cabinet-agent: the edge daemon of an unmanned certified-products cabinet."""
+
+__version__ = "0.3.0"

@@ -1,0 +1,123 @@
+"""``cabinet-agent run``: wires the threads around the core and runs until SIGTERM/SIGINT.
+
+Threads and what each owns:
+  core        the ledger, the sessions, the cabinet state (agent.core)
+  lockboard   the lock board's serial port (agent.hardware)
+  scales      the scale bus's serial port (agent.hardware)
+  camera      the camera (drivers.camera.scanner)
+  mqtt        the paho client and its socket (agent.mqtt_link)
+  catalog     catalog installs (agent.catalog_worker)
+  control     the control socket, one short thread per cabinetctl request (agent.control)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+from agent.catalog_worker import CatalogWorker
+from agent.config import Config
+from agent.control import ControlServer
+from agent.core import Core
+from agent.hardware import DeviceFault, DeviceRecovered, LockboardThread, ScaleThread
+from agent.messages import ScanSeen
+from agent.mqtt_link import MqttLink
+from agent.operator import Operator
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) our state, without a dependency; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.core = Core(cfg)
+        self.threads: list[Any] = []
+
+    def start(self) -> None:
+        cfg, core = self.cfg, self.core
+        core.start()
+        core.catalog_worker = CatalogWorker(core.catalog, core.post)
+        core.catalog_worker.start()
+        core.lockboard = LockboardThread(
+            cfg.lockboard.port, cfg.lockboard.baudrate, cfg.lockboard.address, cfg.lockboard.feedback_open,
+            cfg.lockboard.reply_timeout_s, cfg.lockboard.poll_interval_s, cfg.lockboard.fault_after, core.post)
+        core.lockboard.start()
+        self.scales = ScaleThread(
+            cfg.scale.port, cfg.scale.baudrate, [ln.channel for ln in cfg.lanes], cfg.scale.settle_s,
+            cfg.scale.reply_timeout_s, cfg.scale.fault_after, core.post)
+        self.scales.start()
+        self.camera = self._start_camera()
+        core.link = MqttLink(cfg.platform, cfg.cabinet.id, core.inbox, core.subscriptions(),
+                             will=core.offline_status(), will_topic=core.topic("status"))
+        core.link.start()
+        self.control = ControlServer(cfg.cabinet.control_socket, Operator(core).handle)
+        self.control.start()
+
+    def _start_camera(self) -> Any:
+        source = self.cfg.camera.source
+        if not source:
+            return None
+        from drivers.camera.scanner import CameraScanner
+
+        core = self.core
+        scanner = CameraScanner(
+            source, self.cfg.camera.fps,
+            on_scan=lambda s: core.post(ScanSeen(s.symbology, s.text, s.gtin)),
+            on_fault=lambda detail: core.post(DeviceFault("camera", None, detail)),
+            on_recovered=lambda: core.post(DeviceRecovered("camera", None)),
+        )
+        scanner.start()
+        return scanner
+
+    def run_forever(self) -> int:
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            stop.set()
+            self.core.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        core_thread = threading.Thread(target=self.core.run, name="core")
+        core_thread.start()
+        sd_notify("READY=1\nSTATUS=running")
+        log.info("cabinet %s running", self.cfg.cabinet.id)
+        while not stop.is_set() and core_thread.is_alive():
+            stop.wait(1.0)
+        sd_notify("STOPPING=1")
+        self.core.stop()
+        core_thread.join(10)
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        core = self.core
+        self.control.stop()
+        if self.camera is not None:
+            self.camera.stop()
+        core.lockboard.stop()
+        self.scales.stop()
+        core.catalog_worker.stop()
+        core.link.stop(last_words=(core.topic("status"), core.offline_status()))
+        log.info("stopped")

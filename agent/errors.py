@@ -1,0 +1,38 @@
+"""Typed exceptions of the agent layer (drivers have their own in drivers.errors)."""
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid; ``problems`` holds one 'key.path: message' per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class SignatureError(AgentError):
+    """A signed platform message does not verify."""
+
+
+class LedgerError(AgentError):
+    """The ledger cannot be opened or written."""
+
+
+class CatalogError(AgentError):
+    """A catalog document was refused; ``reason`` is the mqtt.md reason code."""
+
+    def __init__(self, reason: str, message: str = "", version: int | None = None):
+        super().__init__(message or reason)
+        self.reason = reason
+        self.version = version
+
+
+class CommandRejected(AgentError):
+    """A platform command was refused; the message is the reply's error text."""
+
+
+class GtinError(AgentError):
+    """A code is not a valid GTIN (wrong length, not digits, bad check digit)."""

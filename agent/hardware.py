@@ -1,0 +1,213 @@
+"""Device owner threads: one thread owns each serial bus and talks to the core via its inbox.
+
+The lock board thread polls "query all" and executes unlock requests between polls; the scale
+thread reads every lane's transmitter in turn and judges stability. Both turn repeated
+failures into one fault event and a later good answer into one recovery event, and both
+survive any error (a missing adapter is retried, never fatal).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from drivers.errors import DriverError
+from drivers.lockboard.client import LockBoardClient
+from drivers.scales.client import ScaleClient
+from drivers.scales.stability import StabilityWindow
+from drivers.serial_link import SerialLink
+
+log = logging.getLogger(__name__)
+
+
+# -- messages to the core ------------------------------------------------------------------
+@dataclass(frozen=True)
+class DoorFeedback:
+    """Raw feedback per lock (True = contact open), or None when the board did not answer."""
+
+    states: dict[int, bool] | None
+    at: float
+
+
+@dataclass(frozen=True)
+class UnlockDone:
+    lock: int
+    token: str
+    ok: bool
+    at: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceFault:
+    device: str          # lockboard | scale | camera
+    unit: int | None     # board address or scale channel
+    detail: str
+
+
+@dataclass(frozen=True)
+class DeviceRecovered:
+    device: str
+    unit: int | None
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    gross_g: float | None   # raw transmitter reading; None while faulted
+    stable: bool
+
+
+@dataclass(frozen=True)
+class ScaleCycle:
+    channels: dict[int, ChannelState]
+    at: float
+
+
+class _FaultCounter:
+    """Turns a run of failures into one fault and the next success into one recovery."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.misses = 0
+        self.faulted = False
+
+    def fail(self) -> bool:
+        self.misses += 1
+        if not self.faulted and self.misses >= self.threshold:
+            self.faulted = True
+            return True
+        return False
+
+    def ok(self) -> bool:
+        self.misses = 0
+        if self.faulted:
+            self.faulted = False
+            return True
+        return False
+
+
+class LockboardThread(threading.Thread):
+    def __init__(self, port: str, baudrate: int, address: int, feedback_open: int, reply_timeout_s: float,
+                 poll_interval_s: float, fault_after: int, post: Callable[[Any], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(name="lockboard", daemon=True)
+        self.link = SerialLink(port, baudrate, reply_timeout_s)
+        self.client = LockBoardClient(self.link, address, feedback_open)
+        self.address = address
+        self.poll_interval_s = poll_interval_s
+        self.post = post
+        self.clock = clock
+        self.faults = _FaultCounter(fault_after)
+        self._requests: queue.Queue[tuple[int, str] | None] = queue.Queue()
+        self._stopping = threading.Event()
+
+    def unlock(self, lock: int, token: str) -> None:
+        """Queue an unlock; the result comes back to the core as UnlockDone."""
+        self._requests.put((lock, token))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._requests.put(None)
+        self.join(2.0)
+        self.link.close()
+
+    def run(self) -> None:
+        next_poll = self.clock()
+        while not self._stopping.is_set():
+            try:
+                req = self._requests.get(timeout=max(0.0, next_poll - self.clock()))
+            except queue.Empty:
+                req = None
+            if self._stopping.is_set():
+                break
+            try:
+                if req is not None:
+                    self._unlock(*req)
+                if self.clock() >= next_poll:
+                    next_poll = self.clock() + self.poll_interval_s
+                    self._poll()
+            except Exception:  # noqa: BLE001 - the bus owner must survive anything
+                log.exception("lock board thread error")
+
+    def _unlock(self, lock: int, token: str) -> None:
+        try:
+            self.client.unlock(lock)
+        except DriverError as exc:
+            log.error("unlock of lock %d not confirmed: %s", lock, exc)
+            self.post(UnlockDone(lock, token, False, self.clock(), str(exc)))
+            return
+        log.info("lock %d unlocked", lock)
+        self.post(UnlockDone(lock, token, True, self.clock()))
+
+    def _poll(self) -> None:
+        try:
+            states = self.client.query_all()
+        except DriverError as exc:
+            if self.faults.fail():
+                self.post(DeviceFault("lockboard", self.address, str(exc)))
+            if self.faults.faulted:
+                self.post(DoorFeedback(None, self.clock()))
+            return
+        if self.faults.ok():
+            self.post(DeviceRecovered("lockboard", self.address))
+        self.post(DoorFeedback(states, self.clock()))
+
+
+class ScaleThread(threading.Thread):
+    def __init__(self, port: str, baudrate: int, channels: list[int], settle_s: float, reply_timeout_s: float,
+                 fault_after: int, post: Callable[[Any], None], cycle_s: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(name="scales", daemon=True)
+        self.link = SerialLink(port, baudrate, reply_timeout_s)
+        self.client = ScaleClient(self.link)
+        self.channels = channels
+        self.post = post
+        self.cycle_s = cycle_s
+        self.clock = clock
+        self.windows = {ch: StabilityWindow(settle_s) for ch in channels}
+        self.faults = {ch: _FaultCounter(fault_after) for ch in channels}
+        self.last: dict[int, float | None] = {ch: None for ch in channels}
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(2.0)
+        self.link.close()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            started = self.clock()
+            try:
+                self._cycle()
+            except Exception:  # noqa: BLE001
+                log.exception("scale thread error")
+            self._stopping.wait(max(0.0, self.cycle_s - (self.clock() - started)))
+
+    def _cycle(self) -> None:
+        out: dict[int, ChannelState] = {}
+        for ch in self.channels:
+            counter = self.faults[ch]
+            try:
+                reading = self.client.read(ch)
+                if reading.overload:
+                    raise DriverError("overload")
+            except DriverError as exc:
+                self.windows[ch].reset()
+                if counter.fail():
+                    self.post(DeviceFault("scale", ch, str(exc)))
+                if counter.faulted:
+                    self.last[ch] = None
+                out[ch] = ChannelState(self.last[ch], False)
+                continue
+            if counter.ok():
+                self.post(DeviceRecovered("scale", ch))
+            now = self.clock()
+            self.windows[ch].add(now, reading.gross_g, reading.motion, reading.division_g)
+            self.last[ch] = reading.gross_g
+            out[ch] = ChannelState(reading.gross_g, self.windows[ch].is_stable(now))
+        self.post(ScaleCycle(out, self.clock()))

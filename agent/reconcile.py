@@ -1,0 +1,91 @@
+"""Weight reconciliation (operations.md, sessions rule 5): lane weight changes -> sale items.
+
+Pure code: no clock, no I/O. A lane's change against the session baseline becomes an item
+when it exceeds the lane's tolerance; the count is the rounded number of units and the
+flags say what a person should review.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# A lane with no product has no tolerance from the catalog; this one keeps sensor jitter
+# and crumbs from showing up as "no_product" items.
+NO_PRODUCT_TOLERANCE_G = 5.0
+
+
+@dataclass(frozen=True)
+class LaneChange:
+    """What is known about one lane at settle time."""
+
+    lane: str
+    baseline_g: float
+    current_g: float
+    gtin: str | None = None
+    name: str | None = None
+    cert_id: str | None = None
+    unit_weight_g: float | None = None
+    tolerance_g: float | None = None
+    unit_price_cents: int = 0
+    certified: bool = True
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    items: list[dict[str, Any]] = field(default_factory=list)
+    total_cents: int = 0
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+
+def reconcile_lane(lane: LaneChange) -> dict[str, Any] | None:
+    """The sale item of one lane, or None when its change is within tolerance."""
+    delta = round(lane.current_g - lane.baseline_g, 3)
+    flags: list[str] = []
+    has_product = lane.gtin is not None and lane.unit_weight_g is not None and lane.unit_weight_g > 0
+    tol = lane.tolerance_g if has_product and lane.tolerance_g is not None else NO_PRODUCT_TOLERANCE_G
+    if abs(delta) <= tol:
+        return None
+    qty = 0
+    if not has_product:
+        flags.append("no_product")
+    if delta > tol:
+        flags.append("item_added")
+    elif has_product:
+        assert lane.unit_weight_g is not None
+        taken = -delta
+        qty = round(taken / lane.unit_weight_g)
+        if abs(taken - qty * lane.unit_weight_g) > tol * max(1, qty):
+            flags.append("weight_mismatch")
+    if lane.gtin is not None and not lane.certified:
+        flags.append("uncertified_item")
+    return {
+        "gtin": lane.gtin,
+        "name": lane.name,
+        "lane": lane.lane,
+        "qty": qty,
+        "unit_price_cents": lane.unit_price_cents if lane.gtin is not None else 0,
+        "cert_id": lane.cert_id,
+        "weight_g": delta,
+        "flags": flags,
+    }
+
+
+def reconcile(lanes: list[LaneChange], scanned_gtins: list[str] | None = None) -> Reconciled:
+    """Items in lane order, the total, and the sale flags (union of item flags + scan_mismatch)."""
+    items = [item for lane in lanes if (item := reconcile_lane(lane)) is not None]
+    total = sum(item["qty"] * item["unit_price_cents"] for item in items)
+    flags: list[str] = []
+    for item in items:
+        for flag in item["flags"]:
+            if flag not in flags:
+                flags.append(flag)
+    if scanned_gtins:
+        dropped = {item["gtin"] for item in items if item["weight_g"] < 0 and item["gtin"]}
+        if any(g not in dropped for g in scanned_gtins):
+            flags.append("scan_mismatch")
+    return Reconciled(items=items, total_cents=total, flags=flags)

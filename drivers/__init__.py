@@ -1,0 +1,1 @@
+"""Hardware drivers: pure codecs, a serial link, device clients, and simulators speaking spec/serial.md."""

@@ -1,0 +1,148 @@
+"""Frame sources (spec/serial.md "Camera"): anything OpenCV's VideoCapture opens, or a glob.
+
+``open_source(source, fps)`` picks by the text of ``source``:
+
+* ``"0"``, ``"2"`` -- a V4L2 index; ``/dev/video*`` (or any ``/dev/`` path) -- a device.
+  Both are *live*: a live source that stops giving frames is a fault for the scanner.
+* a glob (contains ``*``, ``?`` or ``[``) -- image files played once, in name order, at
+  ``fps``, starting when the source is opened. An empty glob is valid and simply ends.
+* anything else -- a video file or an OpenCV image-sequence pattern (``img_%03d.png``).
+
+A file or glob that has played to its end sets ``ended`` and then only returns None: the
+camera idles, which is not a fault. Every frame is returned as 2-D uint8 grayscale.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import logging
+import time
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+from drivers.errors import DriverError
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(DriverError):
+    """The camera source could not be opened."""
+
+
+class FrameSource:
+    """A source of grayscale frames. ``read()`` returns a frame or None (none now)."""
+
+    live: bool = False
+    description: str = "camera"
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def read(self) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the device or file; idempotent."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r})"
+
+
+def to_gray(frame: np.ndarray) -> np.ndarray:
+    """2-D uint8 grayscale view of an OpenCV frame (BGR, BGRA or already gray)."""
+    if frame.ndim == 3:
+        if frame.shape[2] == 1:
+            return np.ascontiguousarray(frame[:, :, 0])
+        code = cv2.COLOR_BGRA2GRAY if frame.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        return cv2.cvtColor(frame, code)
+    return frame
+
+
+class VideoCaptureSource(FrameSource):
+    """cv2.VideoCapture: a V4L2 index/device (live) or a video file / image sequence."""
+
+    def __init__(self, target: int | str, fps: float, live: bool) -> None:
+        super().__init__()
+        self.live = live
+        self.description = str(target)
+        self._cap = cv2.VideoCapture(target)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise SourceError(f"cannot open camera source {target!r}")
+        if live:
+            # Newest frame, not a stale buffer; a bounded read so a dead camera cannot
+            # block the scanner thread (and stop()) for OpenCV's default 10 s.
+            self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+            self._cap.set(cv2.CAP_PROP_FPS, float(fps))
+            timeout = getattr(cv2, "CAP_PROP_READ_TIMEOUT_MSEC", None)
+            if timeout is not None:
+                self._cap.set(timeout, 1000.0)
+
+    def read(self) -> np.ndarray | None:
+        if self.ended:
+            return None
+        ok, frame = self._cap.read()
+        if not ok or frame is None:
+            if not self.live:
+                log.info("camera source %s played to its end", self.description)
+                self.ended = True
+            return None
+        return to_gray(frame)
+
+    def close(self) -> None:
+        self._cap.release()
+
+
+class GlobSource(FrameSource):
+    """Image files matching a glob, each returned once, in name order, paced at ``fps``.
+
+    Frame i becomes due ``i / fps`` seconds after the source was opened; ``read()`` returns
+    the next due frame, or None when it is not due yet. A late reader gets every frame
+    (consecutively), never a skipped one, so a test's frames are all seen.
+    """
+
+    def __init__(self, pattern: str, fps: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        if fps <= 0:
+            raise ValueError("fps must be > 0")
+        self.description = pattern
+        self.files = sorted(globmod.glob(pattern))
+        self._period = 1.0 / fps
+        self._clock = clock
+        self._t0 = clock()
+        self._next = 0
+        if not self.files:
+            log.info("camera glob %s matches no file: nothing to play", pattern)
+            self.ended = True
+
+    def read(self) -> np.ndarray | None:
+        while not self.ended:
+            if self._clock() < self._t0 + self._next * self._period:
+                return None
+            path = self.files[self._next]
+            self._next += 1
+            if self._next >= len(self.files):
+                self.ended = True
+                log.info("camera glob %s played to its end (%d files)", self.description, len(self.files))
+            frame = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+            if frame is not None:
+                return frame
+            log.warning("camera glob: cannot read image %s, skipped", path)
+        return None
+
+
+def is_live(source: str) -> bool:
+    """True for a V4L2 index or a device path: sources whose silence is a fault."""
+    return source.strip().isdigit() or source.startswith("/dev/")
+
+
+def open_source(source: str, fps: float, clock: Callable[[], float] = time.monotonic) -> FrameSource:
+    """Open ``source`` (see the module doc); raises SourceError if it cannot be opened."""
+    source = source.strip()
+    if any(ch in source for ch in "*?["):
+        return GlobSource(source, fps, clock)
+    if source.isdigit():
+        return VideoCaptureSource(int(source), fps, live=True)
+    return VideoCaptureSource(source, fps, live=source.startswith("/dev/"))
