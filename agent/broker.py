@@ -114,6 +114,7 @@ class PrivateBroker:
         """Start mosquitto and return once it accepts TCP connections; idempotent."""
         if self.running:
             return self
+        self._workdir.mkdir(parents=True, exist_ok=True)  # close() removed it; start() may follow
         self._log_dir.mkdir(parents=True, exist_ok=True)
         if self._persistence_dir is not None:
             self._persistence_dir.mkdir(parents=True, exist_ok=True)

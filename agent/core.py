@@ -97,6 +97,7 @@ class Core:
         self._last_status_key: Any = None
         self._last_status_at = -1e9
         self._last_housekeeping = -1e9
+        self._last_ack_flush = -1e9
         self._clock_offset = self.wall() - self.clock()
         self._stopping = threading.Event()
         self.ledger_ok = True
@@ -246,6 +247,12 @@ class Core:
         self._retry_pending_opens(now)
         self.syncer.pump(now, self.link is not None and self.link.connected)
         self.publish_status()
+        if now - self._last_ack_flush > 1.0:
+            self._last_ack_flush = now
+            try:
+                self.ledger.flush_acked()
+            except Exception as exc:  # noqa: BLE001
+                self._ledger_failed(exc)
         if now - self._last_housekeeping > 10.0:
             self._last_housekeeping = now
             self._housekeeping(now)
@@ -306,7 +313,9 @@ class Core:
         elif topic == self.topic("cmd"):
             self._on_command(msg.payload)
         elif topic in ("cab/v1/catalog", "cab/v1/catalog/delta", self.topic("catalog")):
-            if self.catalog_worker is not None:
+            if not msg.payload:
+                log.info("empty payload on %s (a cleared retained catalog) ignored", topic)
+            elif self.catalog_worker is not None:
                 self.catalog_worker.submit_bytes(msg.payload, topic)
         else:
             log.warning("message on unexpected topic %s ignored", topic)

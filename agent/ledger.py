@@ -111,6 +111,7 @@ class Ledger:
         self._lock = threading.RLock()
         self._conn = self._open()
         self._last_seq, self._last_hash = self._load_tip()
+        self._acked = self._acked_stored = min(int(self.meta("acked_upto", "0") or 0), self._last_seq)
 
     # -- opening ---------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -179,6 +180,8 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
+            if not self.readonly:
+                self.flush_acked()
             self._conn.close()
 
     # -- transactions ----------------------------------------------------------------------
@@ -222,16 +225,26 @@ class Ledger:
 
     @property
     def acked_upto(self) -> int:
-        return int(self.meta("acked_upto", "0") or 0)
+        return self._acked
 
     def set_acked(self, upto: int) -> bool:
-        """Move the ack watermark forward (never back); True when it moved."""
-        if upto <= self.acked_upto:
-            return False
+        """Move the ack watermark forward (never back); True when it moved.
+
+        Kept in memory and written by ``flush_acked`` (the core does so every second and at
+        exit): an ack lost to a power cut only makes records be sent again, which the
+        platform deduplicates, while an fsync per ack would cap the drain of a backlog.
+        """
         upto = min(upto, self._last_seq)
-        with self.transaction() as tx:
-            tx.set_meta("acked_upto", str(upto))
+        if upto <= self._acked:
+            return False
+        self._acked = upto
         return True
+
+    def flush_acked(self) -> None:
+        if self._acked != self._acked_stored:
+            with self.transaction() as tx:
+                tx.set_meta("acked_upto", str(self._acked))
+            self._acked_stored = self._acked
 
     @property
     def unsynced(self) -> int:

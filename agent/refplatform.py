@@ -280,6 +280,11 @@ class ReferencePlatform:
 
     # -- records --------------------------------------------------------------------
 
+    def records_in_order(self) -> list[dict[str, Any]]:
+        """A copy of the stored records by seq; iterating the live ``records`` races paho's thread."""
+        with self._cond:
+            return [self.records[s] for s in sorted(self.records)]
+
     def sales(self) -> list[dict[str, Any]]:
         """Bodies of the stored sale records, in seq order."""
         with self._cond:

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.broker import BrokerError, PrivateBroker
 from agent.errors import SignatureError
 from agent.refplatform import ChainError, ReferencePlatform, record_hash
-from agent.wire import load_public_key, parse_ts, verify_signed
+from agent.wire import canonical, load_public_key, parse_ts, verify_signed
 
 CAB = "CAB-0001"
 ZEROS = "0" * 64
@@ -167,6 +167,7 @@ def test_valid_chain_is_stored_and_acked(refplatform: RefPlatformFactory, peer: 
     assert agent.next_json() == (platform.ack_topic, {"upto": 3})
     assert (platform.chain_errors, platform.errors, platform.duplicates) == ([], 0, 0)
     assert platform.records == {r["seq"]: r for r in records}
+    assert platform.records_in_order() == records
     assert platform.sales() == [records[0]["body"], records[2]["body"]]
     assert platform.events() == [records[1]["body"]]
     assert platform.events("door_forced") == [records[1]["body"]]
@@ -317,6 +318,15 @@ def test_record_hash_is_byte_exact() -> None:
     expected = "e87ca49ce382478df1da881192804ccb7a6038ace681a83722ae8fad1c7e1900"
     assert record_hash(rec) == expected
     assert spec_hash(rec) == expected
+
+
+def test_record_hash_agrees_with_wire_canonical_on_awkward_values() -> None:
+    """The platform's cached encoder must produce wire.canonical()'s bytes exactly."""
+    body = {"w": -501.2, "tiny": 2.5e-7, "big": 1e22, "esc": 'a"b\\c\n\t', "u": "香菇\u2028é", "emoji": "\U0001f344",
+            "none": None, "flags": [], "yes": True, "nested": {"b": 1, "a": [{"z": 0, "y": -0.0}]}}
+    rec = {"seq": 7, "type": "sale", "at": "2026-11-29T08:15:02.123Z", "prev": "ab" * 32, "body": body}
+    core = {k: rec[k] for k in ("seq", "type", "at", "prev", "body")}
+    assert record_hash(rec) == hashlib.sha256(canonical(core)).hexdigest() == spec_hash(rec)
 
 
 def test_platform_accepts_the_byte_exact_example(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:

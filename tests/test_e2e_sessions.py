@@ -72,7 +72,7 @@ def test_twenty_sessions_through_mqtt(cabinet: SimulatedCabinet) -> None:
 
     # The platform verified every hash and the chain; nothing is left unsynced after the acks.
     assert cab.platform.chain_errors == []
-    assert len({r["body"]["sale_id"] for r in cab.platform.records.values() if r["type"] == "sale"}) == 19
+    assert len({r["body"]["sale_id"] for r in cab.platform.records_in_order() if r["type"] == "sale"}) == 19
     last = max(cab.platform.records)
     cab.platform.wait_contiguous(last)
 
@@ -108,7 +108,7 @@ def test_sigkill_mid_session_gives_one_sale_without_second_unlock(cabinet: Simul
     assert rec["type"] == "sale"
     assert [(i["lane"], i["qty"]) for i in rec["body"]["items"]] == [("A1", 2)]
     assert _unlock_frames(cab, 1) == unlocks_before == 1
-    sales = [r for r in cab.platform.records.values() if r["type"] == "sale" and r["body"]["session_id"] == sid]
+    sales = [r for r in cab.platform.records_in_order() if r["type"] == "sale" and r["body"]["session_id"] == sid]
     assert len(sales) == 1
     assert cab.platform.chain_errors == []
 

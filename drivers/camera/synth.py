@@ -58,6 +58,7 @@ PRESETS: dict[str, Degradation] = {
     "perspective": Degradation(perspective=0.12),
     "low_contrast": Degradation(contrast=0.25, noise_sigma=3.0),
     "jpeg": Degradation(jpeg_quality=25),
+    "closeup": Degradation(module_px=7.0, blur_sigma=3.0, noise_sigma=4.0),
     "mixed": Degradation(module_px=2.2, rotation_deg=12.0, perspective=0.06, blur_sigma=1.0,
                          noise_sigma=7.0, contrast=0.6, jpeg_quality=60),
 }

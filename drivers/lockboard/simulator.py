@@ -23,6 +23,7 @@ import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from drivers.ptylink import pty_symlink
 from drivers.errors import FrameError
 from drivers.lockboard.codec import (
     CMD_QUERY,
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latch-release-s", type=float, default=0.5)
     parser.add_argument("--shopper", action="store_true", help="open each door right after its unlock")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every frame")
+    parser.add_argument("--link", help="also make this path a symlink to the pty (for a fixed config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     sim = LockBoardSimulator(args.address, args.locks, args.feedback_open, args.latch_release_s)
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # explicit: a background job inherits SIGINT ignored
         signal.signal(signum, lambda *_: done.set())
-    with sim:
+    with sim, pty_symlink(sim.port, args.link):
         print(sim.port, flush=True)
         while not done.wait(1.0):
             pass

@@ -35,6 +35,7 @@ import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from drivers.ptylink import pty_symlink
 from drivers.scales.codec import (
     EXCEPTION_FLAG,
     FUNC_READ_HOLDING,
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.4, help="jitter in divisions, below 1")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--link", help="also make this path a symlink to the pty (for a fixed config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr)
 
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     sim.start()
     print(sim.port, flush=True)
+    link = pty_symlink(sim.port, args.link)
+    link.__enter__()
     try:
         if sys.stdin is not None and sys.stdin.isatty():
             print(_HELP, file=sys.stderr, flush=True)
@@ -476,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        link.__exit__(None, None, None)
         sim.stop()
     return 0
 
