@@ -20,10 +20,23 @@ SQLite, and every reader would have to notice the swap and reopen.
 Scale: a 1,000,000-product snapshot (~230 MB) is never held as Python objects. ``catalog_doc``
 reads it in two streaming passes, rebuilds its canonical bytes into an unnamed temporary file
 (O_TMPFILE, so a crash leaves nothing behind) and stages products in batches; the file is then
-mmapped for ``Ed25519PublicKey.verify``. Staging appends to a plain rowid table and the unique
+mmapped for ``Ed25519PublicKey.verify`` (pure Ed25519 hashes the whole message in one call).
+That mapping is the RSS peak: about 35 MiB of interpreter plus the canonical size, ~270 MiB for
+a million products; the page cache and the heap freed by the passes are handed back to the OS
+just before it. Staging appends to a plain rowid table and the unique
 index is built once at the end (a sort), which is several times faster than random inserts
 into a B-tree. A document byte-identical to the installed one (the retained snapshot arrives on
 every reconnect) is recognised by its SHA-256 and answered ``same_version`` without parsing.
+
+Refusals, in the order they are decided: ``invalid`` if the bytes are not one JSON object or
+repeat a top-level key (nothing can be verified); ``bad_signature`` if ``sig`` is missing or does not verify over the
+canonical bytes (so a forged document is reported as forged whatever else is wrong with it);
+``invalid`` if version or base_version are missing or not integers; then ``stale``,
+``same_version`` (not an error) and ``base_mismatch`` against the installed version; last
+``invalid`` for any other problem (issued_at, revoked, a product: missing fields, a GTIN with a
+bad check digit, bad dates, a GTIN listed twice). A delta without ``base_version`` is invalid,
+never read as a snapshot, which would wipe the catalog. A GTIN both listed and revoked by one
+document ends up revoked.
 
 Disk: while a snapshot installs, the file holds the old and the new table (freed pages are
 reused by the next install), the WAL grows to the size of the transaction (truncated after the
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import dataclasses
 import datetime as dt
 import hashlib
@@ -74,6 +88,11 @@ from agent.wire import format_ts, verify_bytes
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# Page cache of the install connection. Staging only appends, so a small cache costs nothing,
+# and what SQLite has allocated it does not give back before the mmap, the RSS peak; the index
+# build after the signature check (a sort) gets a bigger one.
+_STAGE_CACHE_KIB = 2000
+_SWAP_CACHE_KIB = 16000
 
 INSTALLED = "installed"
 SAME_VERSION = "same_version"
@@ -424,7 +443,7 @@ class _Install:
         conn = self.store._connect(30.0)
         try:
             conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA cache_size = -16000")
+            conn.execute(f"PRAGMA cache_size = -{_STAGE_CACHE_KIB}")
             conn.execute("PRAGMA journal_size_limit = 67108864")
             conn.execute("BEGIN IMMEDIATE")  # the installed version cannot change under us from here
             return self._in_transaction(conn, skeleton, sig, hint, t0, t1)
@@ -467,7 +486,10 @@ class _Install:
                 raise CatalogError("invalid", str(exc), hint) from None
             canon.flush()
             t2 = time.monotonic()
-            conn.execute("PRAGMA shrink_memory")  # the mmap below is the peak of RSS: make room
+            # The mapping below is the peak of RSS (it holds the whole canonical document):
+            # hand the page cache and the freed batches back to the OS first.
+            conn.execute("PRAGMA shrink_memory")
+            _release_free_memory()
             with mmap.mmap(canon.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 view = memoryview(mapped)
                 try:
@@ -492,6 +514,7 @@ class _Install:
         assert header is not None and stager is not None
         if stager.problem is not None:
             raise CatalogError("invalid", stager.problem, version)
+        conn.execute(f"PRAGMA cache_size = -{_SWAP_CACHE_KIB}")
         try:
             if header.base_version is None:
                 self._swap_snapshot(conn, header)
@@ -509,6 +532,8 @@ class _Install:
         conn.execute("COMMIT")
         t4 = time.monotonic()
         try:
+            # Shrink the WAL the install grew; readers are short, so waiting 1 s is plenty.
+            conn.execute("PRAGMA busy_timeout = 1000")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.OperationalError as exc:  # a long reader: the next checkpoint will do it
             log.info("catalog WAL checkpoint postponed: %s", exc)
@@ -582,6 +607,21 @@ def _signature(value: Any, hint: int | None) -> bytes:
 def _product(gtin: str, row: tuple[Any, ...]) -> Product:
     return Product(gtin, row[0], row[1], row[2], row[3], dt.date.fromisoformat(row[4]),
                    dt.date.fromisoformat(row[5]), row[6], row[7])
+
+
+def _release_free_memory() -> None:
+    """Ask glibc to return freed heap pages to the OS (it keeps them otherwise); no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _sha256_stream(f: BinaryIO) -> str:

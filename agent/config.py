@@ -23,7 +23,8 @@ CABINET_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # strict: a TOML ``true`` is not lock channel 1, nor is "1883" a port
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
 
 class CabinetConfig(_Section):

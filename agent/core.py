@@ -102,6 +102,7 @@ class Core:
         self._stopping = threading.Event()
         self.ledger_ok = True
         self._idle_reported: dict[str, float] = {}
+        self._slow_alarm_cache: tuple[float, list[str]] | None = None
 
     # -- topics ------------------------------------------------------------------------------
     def topic(self, suffix: str) -> str:
@@ -339,18 +340,20 @@ class Core:
         except Rejected as rej:
             self._reject(rej)
             return
-        try:
-            with self.ledger.transaction() as tx:
-                tx.remember_command(cmd.id, cmd.expires_at + self.cfg.platform.clock_skew_s)
-        except Exception as exc:  # noqa: BLE001
-            self._ledger_failed(exc)
-            self._reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
-            return
         log.info("command %s %s accepted", cmd.type, cmd.id)
-        try:
-            if cmd.type == "open_door":
+        if cmd.type == "open_door":
+            # The id is remembered in the same commit that journals the session: one fsync
+            # between the command and the unlock frame.
+            try:
                 self._cmd_open_door(cmd)
-            elif cmd.type == "status":
+            except Rejected as rej:
+                self._remember(cmd)
+                self._reject(rej)
+            return
+        if not self._remember(cmd):
+            return
+        try:
+            if cmd.type == "status":
                 self.publish_status(force=True)
                 self.reply(cmd.id, True, result={"published": True})
             elif cmd.type == "resend":
@@ -359,6 +362,20 @@ class Core:
                 self._cmd_set_lane(cmd)
         except Rejected as rej:
             self._reject(rej)
+
+    def _remember(self, cmd: Command) -> bool:
+        """Persist the command id (replay protection across restarts); False if the ledger failed."""
+        try:
+            with self.ledger.transaction() as tx:
+                tx.remember_command(cmd.id, self._seen_until(cmd))
+        except Exception as exc:  # noqa: BLE001
+            self._ledger_failed(exc)
+            self._reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
+            return False
+        return True
+
+    def _seen_until(self, cmd: Command) -> float:
+        return cmd.expires_at + self.cfg.platform.clock_skew_s
 
     def _reject(self, rej: Rejected) -> None:
         log.warning("command %s (%s) rejected: %s", rej.command_id, rej.type, rej.reason)
@@ -394,6 +411,7 @@ class Core:
         snapshot = json.dumps(_product_dict(product)) if product else None
         with self.ledger.transaction() as tx:
             tx.set_lane(lane, gtin=gtin, price_cents=price_cents, product=snapshot)
+        self.invalidate_alarms()
         self.publish_status()
 
     # -- sessions ---------------------------------------------------------------------------------------
@@ -403,6 +421,8 @@ class Core:
         if door in self.pending_open:
             raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
         if not self._door_lanes_stable(door):
+            if not self._remember(cmd):
+                return
             self.pending_open[door] = PendingOpen(cmd, self.clock() + BASELINE_WAIT_S)
             log.info("open_door %s waits for stable lanes behind door %d", cmd.id, door)
             return
@@ -441,6 +461,7 @@ class Core:
         now, wall = self.clock(), self.wall()
         try:
             with self.ledger.transaction() as tx:
+                tx.remember_command(cmd.id, self._seen_until(cmd))
                 tx.open_session(session_id=cmd.args["session_id"], command_id=cmd.id, door=door,
                                 shopper=cmd.args["shopper"], auth=cmd.args["auth"],
                                 baseline=baseline, unlock_at=wall)
@@ -487,7 +508,7 @@ class Core:
         elif isinstance(action, Reopened):
             self._journal(action.session_id, closed_at=None, state="open")
         elif isinstance(action, Settle) and s is not None:
-            self._settle(machine, s, action.timed_out)
+            self._settle(machine, s, action.timed_out, action.weigh)
         elif isinstance(action, DoorForced):
             self.record_event("door_forced", door=action.door)
         elif isinstance(action, LeftOpen):
@@ -503,14 +524,14 @@ class Core:
         except Exception as exc:  # noqa: BLE001
             self._ledger_failed(exc)
 
-    def _settle(self, machine: DoorMachine, s: ActiveSession, timed_out: bool) -> None:
+    def _settle(self, machine: DoorMachine, s: ActiveSession, timed_out: bool, weigh: bool = True) -> None:
         journal = next((r for r in self.ledger.active_sessions() if r["session_id"] == s.session_id), None)
         baseline: dict[str, float | None] = journal["baseline"] if journal else {}
         rows = self.ledger.lane_rows()
         at = dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc)
         changes = []
         for view in self.lanes.values():
-            if view.door != machine.door:
+            if view.door != machine.door or not weigh:
                 continue
             base = baseline.get(view.name)
             current = self.lane_weight(view.name, rows)
@@ -599,6 +620,7 @@ class Core:
         if res.outcome == "same_version":
             return
         self.record_event("catalog_installed", version=res.version, products=res.products, delta=res.delta)
+        self.invalidate_alarms()
         self.publish_status(force=True)
 
     # -- status --------------------------------------------------------------------------------------------
@@ -619,6 +641,20 @@ class Core:
     def alarms(self) -> list[str]:
         alarms = [f"door_left_open:{d}" for d, m in self.doors.items() if m.left_open_alarm]
         alarms += sorted(self.faults)
+        alarms += self._slow_alarms()
+        if self.alarm_ledger_corrupt:
+            alarms.append("ledger_corrupt")
+        if not self.ledger_ok:
+            alarms.append("ledger_unwritable")
+        return alarms
+
+    def _slow_alarms(self) -> list[str]:
+        """Product, catalog and storage alarms: they change with the catalog, the planogram or
+        the date, so they are recomputed every few seconds (or when invalidated), not at every step."""
+        now = self.clock()
+        if self._slow_alarm_cache is not None and now - self._slow_alarm_cache[0] < 5.0:
+            return self._slow_alarm_cache[1]
+        alarms: list[str] = []
         at = dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc)
         for lane, row in sorted(self.ledger.lane_rows().items()):
             if row.get("gtin") and lane in self.lanes:
@@ -633,11 +669,11 @@ class Core:
             alarms.append("catalog_stale")
         if self._storage_low():
             alarms.append("storage_low")
-        if self.alarm_ledger_corrupt:
-            alarms.append("ledger_corrupt")
-        if not self.ledger_ok:
-            alarms.append("ledger_unwritable")
+        self._slow_alarm_cache = (now, alarms)
         return alarms
+
+    def invalidate_alarms(self) -> None:
+        self._slow_alarm_cache = None
 
     def _catalog_stale(self) -> bool:
         issued = self.catalog.issued_at
@@ -674,15 +710,16 @@ class Core:
         }
 
     def publish_status(self, force: bool = False) -> None:
+        """Publish on connect, on a change of doors, locks, mode or alarms, and every status_interval_s."""
         if self.link is None or not self.link.connected:
             return
         now = self.clock()
-        status = self.status()
-        key = (status["mode"], json.dumps(status["doors"]), tuple(status["alarms"]), status["catalog_version"])
+        key = (self.mode(), tuple(tuple(d.values()) for d in self.door_states()), tuple(self.alarms()),
+               self.catalog.version)
         due = now - self._last_status_at >= self.cfg.platform.status_interval_s
         if not (force or due or key != self._last_status_key):
             return
-        if self.link.publish(self.topic("status"), canonical(status), qos=1, retain=True) is not None:
+        if self.link.publish(self.topic("status"), canonical(self.status()), qos=1, retain=True) is not None:
             self._last_status_key = key
             self._last_status_at = now
 

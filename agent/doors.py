@@ -73,6 +73,7 @@ class Settle:
 
     session_id: str
     timed_out: bool
+    weigh: bool = True   # False: end as session_timeout without looking at the weights
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,16 @@ class DoorMachine:
             self.open_since = now
         self.is_open = True
         s = self.session
+        if s is not None and s.phase is Phase.TIMED_OUT:
+            # Rule 2: the session ended at the timeout and the latch has long re-engaged, so
+            # this opening is not the shopper's: end the session as timed out, unweighed, and
+            # treat the door as forced (rule 7).
+            if s.settle_from is not None:
+                s.settle_from = None
+                actions.append(Settle(s.session_id, timed_out=True, weigh=False))
+            s = None
         if s is not None:
-            if s.phase in (Phase.WAIT_OPEN, Phase.TIMED_OUT):
+            if s.phase is Phase.WAIT_OPEN:
                 s.phase = Phase.OPEN
                 s.opened_at = wall
                 actions.append(Opened(s.session_id, wall))

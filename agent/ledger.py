@@ -118,7 +118,7 @@ class Ledger:
         if self.readonly:
             if not self.path.exists():
                 raise LedgerError(f"no ledger at {self.path}")
-            uri = f"file:{self.path}?mode=ro"
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
             try:
                 conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()

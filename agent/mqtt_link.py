@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ class PublishFailed:
     reason: str
 
 
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Disable Nagle: a command reply or an unlock must not wait 40 ms for a delayed ACK."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def backoff_delay(attempt: int, base_s: float = 0.5, cap_s: float = 60.0, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
     rng = rng or random
@@ -89,6 +98,7 @@ class MqttLink:
                 keyfile=platform.key_file or None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
+        c.on_socket_open = _no_delay
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

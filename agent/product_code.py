@@ -92,6 +92,8 @@ def classify(text: str, symbology: str) -> tuple[str | None, str | None]:
             candidate = _digital_link_gtin(text)
         if candidate is None:
             return None, None
+        if len(candidate) != 14 and not text[:4].lower().startswith("http"):
+            return None, None  # AI (01) is always 14 digits; only a Digital Link may be shorter
         sym = ""  # the AI / URL value is a plain GTIN, never a UPC-E
     try:
         return normalize(candidate, sym or None), None

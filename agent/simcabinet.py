@@ -125,6 +125,8 @@ class SimulatedCabinet:
         if publish_catalog:
             self.publish_catalog()
         self.start_agent()
+        if publish_catalog:
+            self.wait_catalog(self.catalog_version)
         if assign_lanes:
             for ln in self.lane_specs:
                 self.command_ok("set_lane", {"lane": ln.lane, "gtin": self.products[ln.product]["gtin"],
@@ -164,6 +166,12 @@ class SimulatedCabinet:
         doc = self.platform.make_catalog(self.catalog_version, products if products is not None else self.products)
         self.platform.publish_catalog(doc, "snapshot")
         return self.catalog_version
+
+    def wait_catalog(self, version: int, timeout: float = 30.0) -> None:
+        """Until the agent's status reports catalog ``version`` installed."""
+        assert self.platform
+        self.platform.wait_for(lambda: (self.platform.status or {}).get("catalog_version") == version, timeout,
+                               f"catalog version {version} installed")
 
     def start_agent(self, wait: bool = True) -> None:
         assert self.platform

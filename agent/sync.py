@@ -60,7 +60,8 @@ class Syncer:
         sent = 0
         last_seq = self.ledger.last_seq
         while self.sent_upto < last_seq and self.sent_upto - acked < self.window:
-            records, last = self.ledger.batch_from(self.sent_upto + 1, self.max_batch, self._record_budget)
+            room = min(self.max_batch, self.window - max(0, self.sent_upto - acked))
+            records, last = self.ledger.batch_from(self.sent_upto + 1, room, self._record_budget)
             if not records:
                 nxt = self.ledger.first_seq_from(self.sent_upto + 1)
                 if nxt is None:

@@ -9,9 +9,12 @@
    canonical bytes are streamed to a file, signed through an mmap, and the final document is
    that file with ``"sig"`` spliced in where canonical order puts it.
 2. Installs it with ``CatalogStore.install_file`` in a FRESH subprocess and reports the elapsed
-   time and that subprocess's peak RSS (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, read after the
-   child is reaped, so it is the child's high-water mark alone). ``--reinstall`` then installs a
-   second snapshot over the first in another fresh subprocess (the steady state of a cabinet).
+   time and that subprocess's peak RSS, as the child reads it itself: VmHWM from
+   /proc/self/status, and ru_maxrss. ``getrusage(RUSAGE_CHILDREN)`` in this process would not do:
+   it is the maximum over all reaped children, the generators included, and a child's ru_maxrss
+   starts from the image of the process that spawned it (vfork + exec), which is why this
+   process generates in children too and stays small. ``--reinstall`` then installs a second
+   snapshot over the first in another fresh subprocess (the steady state of a cabinet).
 3. Times 100k lookups (hits, misses, bad check digits, EAN-13 forms, revoked codes).
 
 Goals: install <= 30 s, peak RSS <= 300 MB, median lookup <= 50 µs.
@@ -24,7 +27,6 @@ import base64
 import datetime as dt
 import json
 import mmap
-import os
 import random
 import resource
 import statistics
@@ -107,10 +109,28 @@ def generate(path: Path, n: int, version: int, key: Ed25519PrivateKey, seed: int
         sig = base64.b64encode(key.sign(mm)).decode("ascii")
         cut = len(mm) - len(tail_version.encode())
         with open(path, "wb") as out:
-            out.write(mm[:cut])
+            view = memoryview(mm)
+            for start in range(0, cut, 1 << 24):
+                out.write(view[start:min(cut, start + (1 << 24))])
             out.write(f',"sig":"{sig}"'.encode())
-            out.write(mm[cut:])
+            out.write(view[cut:])
+            view.release()
     canon_path.unlink()
+
+
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process image (VmHWM): unlike ru_maxrss it never includes the parent's
+    image that a vfork/exec child starts from."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_generate(doc: str, n: str, version: str, seed: str, key_hex: str) -> None:
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(key_hex))
+    generate(Path(doc), int(n), int(version), key, int(seed))
 
 
 def child_install(doc: str, db: str, pubkey: str) -> None:
@@ -126,22 +146,17 @@ def child_install(doc: str, db: str, pubkey: str) -> None:
     result = store.install_file(doc)
     elapsed = time.perf_counter() - t0
     store.close()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"elapsed_s": elapsed, "self_maxrss_mb": rss_mb, "outcome": result.outcome,
-                      "version": result.version, "products": result.products}))
+    print(json.dumps({"elapsed_s": elapsed, "vm_hwm_mib": _vm_hwm_mb(),
+                      "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "outcome": result.outcome, "version": result.version, "products": result.products}))
 
 
 def run_install(doc: Path, db: Path, pubkey: str) -> dict[str, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(doc), str(db), pubkey],
+        [sys.executable, __file__, "--child-install", str(doc), str(db), pubkey],
         stdout=subprocess.PIPE, text=True, check=True,
     )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    # RUSAGE_CHILDREN holds the largest reaped child: meaningful when this child is the largest so far.
-    figures["children_maxrss_mb"] = max(after, before) / 1024
-    return figures
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_lookups(db: Path, pubkey: str, n_products: int, count: int) -> list[float]:
@@ -182,8 +197,11 @@ def bench_lookups(db: Path, pubkey: str, n_products: int, count: int) -> list[fl
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child-install":
         child_install(*sys.argv[2:5])
+        return 0
+    if len(sys.argv) == 7 and sys.argv[1] == "--child-generate":
+        child_generate(*sys.argv[2:7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--products", type=int, default=1_000_000)
@@ -198,9 +216,12 @@ def main() -> int:
     key = Ed25519PrivateKey.generate()
     pubkey = public_key_b64(key)
     docs = [work / "snapshot-v1.json"] + ([work / "snapshot-v2.json"] if args.reinstall else [])
+    key_hex = key.private_bytes_raw().hex()
     for version, doc in enumerate(docs, start=1):
         t = time.perf_counter()
-        generate(doc, args.products, version, key, seed=version)
+        # In a child: signing maps the whole document, and this process must stay small (see above).
+        subprocess.run([sys.executable, __file__, "--child-generate", str(doc), str(args.products),
+                        str(version), str(version), key_hex], check=True)
         print(f"generated {doc.name}: {args.products} products, {doc.stat().st_size / 1e6:.1f} MB"
               f" in {time.perf_counter() - t:.1f} s")
     db = work / "catalog.db"
@@ -210,12 +231,12 @@ def main() -> int:
     ok = True
     for doc in docs:
         fig = run_install(doc, db, pubkey)
-        rss = fig["children_maxrss_mb"]
+        rss = fig["vm_hwm_mib"] * 1.048576  # MB (10^6 bytes), the stricter reading of the goal
         print(f"install {doc.name}: {fig['outcome']} version {fig['version']}, {fig['products']} products")
         print(f"  elapsed  {fig['elapsed_s']:7.1f} s   goal <= {GOAL_INSTALL_S:.0f} s"
               f"   ratio {fig['elapsed_s'] / GOAL_INSTALL_S:.2f}")
         print(f"  peak RSS {rss:7.1f} MB  goal <= {GOAL_RSS_MB:.0f} MB  ratio {rss / GOAL_RSS_MB:.2f}"
-              f"   (child's own ru_maxrss {fig['self_maxrss_mb']:.1f} MB)")
+              f"   (VmHWM {fig['vm_hwm_mib']:.1f} MiB, ru_maxrss {fig['ru_maxrss_mib']:.1f} MiB)")
         ok &= fig["elapsed_s"] <= GOAL_INSTALL_S and rss <= GOAL_RSS_MB
 
     timings = bench_lookups(db, pubkey, args.products, args.lookups)

@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.simcabinet import SimulatedCabinet, Timings  # noqa: E402
+from agent.mqtt_link import _no_delay  # noqa: E402
 from agent.wire import canonical, verify_signed  # noqa: E402
 from drivers.lockboard.codec import UnlockRequest  # noqa: E402
 
@@ -42,6 +43,8 @@ def mqtt_round_trips(host: str, port: int, n: int, payload: bytes) -> list[float
     got = threading.Event()
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{uuid.uuid4().hex[:6]}")
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}")
+    for c in (sub, pub):
+        c.on_socket_open = _no_delay
     sub.on_message = lambda *_a: got.set()
     subscribed = threading.Event()
     sub.on_subscribe = lambda *_a: subscribed.set()
@@ -111,6 +114,7 @@ def main() -> int:
     floor99 = (pct(rtt, 0.99) + pct(sig, 0.99) + FRAME_S) * ms
     p50, p99 = statistics.median(lat) * ms, pct(lat, 0.99) * ms
     print(f"unlock latency over {len(lat)} sessions (signed open_door published -> unlock frame on the pty)")
+    print(f"  slowest five: {', '.join(f'{v * ms:.1f}' for v in sorted(lat)[-5:])} ms")
     print(f"  measured on the pty        p50 {p50:7.2f} ms   p99 {p99:7.2f} ms")
     print(f"  + frame time on 9600 baud  p50 {p50 + FRAME_S * ms:7.2f} ms   p99 {p99 + FRAME_S * ms:7.2f} ms")
     print(f"  floor: MQTT round trip p50 {statistics.median(rtt) * ms:.2f} ms / p99 {pct(rtt, 0.99) * ms:.2f} ms,"

@@ -200,10 +200,6 @@ def test_after_end_session_nothing_more_happens() -> None:
     assert poll(m, 32.25, 40.0, False) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: agent/doors.py DoorMachine._door_open treats Phase.TIMED_OUT like WAIT_OPEN: a door sensed open "
-    "after open_timeout_s (latch long re-locked) becomes the session's Opened instead of door_forced; "
-    "operations.md rule 2 says the session is over at the timeout and rule 7 makes that opening door_forced"))
 def test_door_opened_after_timeout_is_forced_not_the_sessions_opening() -> None:
     m = machine()
     m.begin(session(unlock_at=0.0))

@@ -387,11 +387,6 @@ def test_readonly_open_reads_an_existing_ledger(path: Path) -> None:
     ro.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: agent/ledger.py Ledger._open (readonly) builds the SQLite URI as f'file:{path}?mode=ro' without "
-    "percent-encoding: a path with '#' or '?' is cut there, so a different file is opened read-write "
-    "(and created, e.g. '<dir>/a' for '<dir>/a#b/ledger.db') and the open fails with sqlite3.OperationalError "
-    "'no such table: records' instead of reading the ledger"))
 @pytest.mark.parametrize("dirname", ["a#b", "a?b"])
 def test_readonly_open_with_special_characters_in_path(tmp_path: Path, dirname: str) -> None:
     p = tmp_path / dirname / "ledger.db"

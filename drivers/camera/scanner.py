@@ -9,7 +9,8 @@ so a code held still stays "in view" and is one scan. scripts/bench_decode.py me
 Watchdog: a live camera that gives no frame for ``stall_s`` (or cannot be opened for that
 long) is reported once through ``on_fault``; the thread reopens it with a doubling delay
 (capped) and calls ``on_recovered`` when frames come again. A file or glob that played to
-its end idles; it is never a fault. Callback exceptions are logged, never fatal.
+its end idles; it is never a fault (a file that cannot be opened at all is reported once,
+as a misconfigured camera, and then idles). Callback exceptions are logged, never fatal.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class CameraScanner:
         self._thread: threading.Thread | None = None
         self._cached: list[Decoded] = []
         self.frames = 0  # frames read
+        self.open_attempts = 0  # opening the source (1 + reopens after stalls)
         self.decoded_frames = 0  # frames that went through the pipeline
         self.last_frame_at: float | None = None
         self.faulted = False
@@ -134,6 +136,7 @@ class CameraScanner:
             self._fault(f"camera thread crashed on {self._desc}")
 
     def _open(self) -> FrameSource | None:
+        self.open_attempts += 1
         if isinstance(self.source, FrameSource):
             return self.source
         try:

@@ -10,7 +10,7 @@ low contrast, JPEG. Everything is deterministic for a given seed.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -261,5 +261,5 @@ def expected_gtin(spec: CodeSpec) -> str | None:
     return product_gtin(spec.text, spec.symbology)
 
 
-__all__ = ["CodeSpec", "Degradation", "KINDS", "PRESETS", "Sample", "compose", "empty_frame",
-           "make_code", "render_symbol", "sample_set", "background", "replace"]
+__all__ = ["CodeSpec", "Degradation", "KINDS", "PRESETS", "Sample", "background", "compose", "empty_frame",
+           "expected_gtin", "make_code", "render_symbol", "sample_set"]
