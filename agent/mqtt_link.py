@@ -57,7 +57,7 @@ class PublishFailed:
     reason: str
 
 
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+def set_no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """Disable Nagle: a command reply or an unlock must not wait 40 ms for a delayed ACK."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -98,7 +98,7 @@ class MqttLink:
                 keyfile=platform.key_file or None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
-        c.on_socket_open = _no_delay
+        c.on_socket_open = set_no_delay
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import socket
 import logging
 import re
 import threading
@@ -33,6 +32,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from agent.mqtt_link import set_no_delay
 from agent import wire
 
 log = logging.getLogger(__name__)
@@ -120,14 +120,6 @@ def _ts(value: dt.datetime | str) -> str:
     return value if isinstance(value, str) else wire.format_ts(value)
 
 
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Disable Nagle on the platform's socket: commands go out at once, not after a delayed ACK."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
-
-
 class ReferencePlatform:
     """The platform for one cabinet, over its own persistent MQTT session."""
 
@@ -194,7 +186,7 @@ class ReferencePlatform:
         client.reconnect_delay_set(min_delay=0.05, max_delay=2)  # type: ignore[arg-type]
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
-        client.on_socket_open = _no_delay
+        client.on_socket_open = set_no_delay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

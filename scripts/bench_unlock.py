@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.simcabinet import SimulatedCabinet, Timings  # noqa: E402
-from agent.mqtt_link import _no_delay  # noqa: E402
+from agent.mqtt_link import set_no_delay  # noqa: E402
 from agent.wire import canonical, verify_signed  # noqa: E402
 from drivers.lockboard.codec import UnlockRequest  # noqa: E402
 
@@ -44,7 +44,7 @@ def mqtt_round_trips(host: str, port: int, n: int, payload: bytes) -> list[float
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{uuid.uuid4().hex[:6]}")
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}")
     for c in (sub, pub):
-        c.on_socket_open = _no_delay
+        c.on_socket_open = set_no_delay
     sub.on_message = lambda *_a: got.set()
     subscribed = threading.Event()
     sub.on_subscribe = lambda *_a: subscribed.set()

@@ -1,0 +1,58 @@
+"""The camera through the daemon: a glob of images played at fps becomes scans, and an
+uncertified product held up to an idle cabinet becomes an `uncertified_scan` record
+(issue 4, acceptance 1; mqtt.md uncertified_scan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import pytest
+
+from agent.gtin import with_check_digit
+from agent.simcabinet import DEMO_PRODUCTS, SimulatedCabinet, Timings
+from drivers.camera import symbology as sym
+from drivers.camera.synth import CodeSpec, Degradation, compose, empty_frame
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _ean13(body12: str) -> CodeSpec:
+    full = with_check_digit(body12)
+    return CodeSpec("ean13", body12, sym.EAN13, full, full.zfill(14))
+
+
+def test_glob_camera_reports_uncertified_scan_once(tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    first, second, third = _ean13("697000000001"), _ean13("697000000002"), _ean13("697000000003")
+    certified = _ean13(DEMO_PRODUCTS[0]["gtin"][1:13])
+
+    def held(spec: CodeSpec, seed: int) -> list:
+        # a product held up for 1 s (10 frames: one scan after debouncing), then 0.5 s of empty scene
+        return ([compose(spec, Degradation(module_px=3), (640, 480), seed=seed + i) for i in range(10)]
+                + [empty_frame((640, 480), seed=seed + 50 + i) for i in range(5)])
+
+    # 2 s of empty scene first: the catalog installs meanwhile
+    sequence = [empty_frame((640, 480), seed=i) for i in range(20)]
+    sequence += held(first, 100) + held(certified, 200) + held(second, 300) + held(first, 400) + held(third, 500)
+    for i, img in enumerate(sequence):
+        cv2.imwrite(str(frames / f"f{i:04d}.png"), img)
+
+    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-CAM", timings=Timings.fast(),
+                           camera_source=str(frames / "*.png"))
+    try:
+        cab.start(assign_lanes=False)
+        assert cab.platform is not None
+        # the third code is the last thing the camera sees: once it is reported, all was played
+        cab.platform.wait_for(
+            lambda: any(e["gtin"] == third.gtin for e in cab.platform.events("uncertified_scan")), 30,
+            "uncertified_scan of the last code")
+        scans = cab.platform.events("uncertified_scan")
+        assert scans[0] == {"kind": "uncertified_scan", "code": first.text, "gtin": first.gtin,
+                            "symbology": "EAN-13", "context": "idle", "reason": "unknown"}
+        # the certified code is never reported; the first one not again within the hour
+        assert [e["gtin"] for e in scans] == [first.gtin, second.gtin, third.gtin]
+        assert "camera_fault" not in [e["kind"] for e in cab.platform.events()]  # a played-out glob idles
+    finally:
+        cab.stop()
