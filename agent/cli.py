@@ -31,6 +31,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LedgerError as exc:
         print(f"cabinet-agent: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"cabinet-agent: cannot use {cfg.cabinet.data_dir}: {exc}", file=sys.stderr)
+        return 1
     return daemon.run_forever()
 
 

@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import Config
 from agent.errors import CommandRejected, SignatureError
-from agent.wire import epoch_of, verify_signed
+from agent.wire import canonical, epoch_of, verify_signed
 
 MAX_TTL_S = 300.0
+MAX_PRICE_CENTS = 2**63 - 1   # what the ledger (SQLite INTEGER) can hold
 TYPES = ("open_door", "resend", "status", "set_lane")
 
 
@@ -60,8 +61,15 @@ def parse_payload(payload: bytes) -> dict[str, Any]:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise Rejected(f"invalid: payload is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise Rejected("invalid: payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise Rejected("invalid: payload is not a JSON object")
+    try:
+        canonical(obj)
+    except (UnicodeEncodeError, RecursionError, ValueError):
+        # e.g. a lone surrogate escape (\ud800): it cannot be signed, hashed or recorded
+        raise Rejected("invalid: payload holds text that is not valid Unicode") from None
     return obj
 
 
@@ -118,7 +126,7 @@ def _check_args(ctype: str, args: dict[str, Any], config: Config) -> str | None:
     elif ctype == "resend":
         if "from_seq" not in args:
             return "from_seq is missing"
-        if not _is_int(args["from_seq"]) or args["from_seq"] < 1:
+        if not _is_int(args["from_seq"]) or not 1 <= args["from_seq"] <= 2**63 - 1:
             return "from_seq must be an integer >= 1"
     elif ctype == "set_lane":
         for name in ("lane", "gtin", "price_cents"):
@@ -128,6 +136,6 @@ def _check_args(ctype: str, args: dict[str, Any], config: Config) -> str | None:
             return f"lane {args['lane']!r} is not in the config"
         if not isinstance(args["gtin"], str):
             return "gtin must be a string"
-        if not _is_int(args["price_cents"]) or args["price_cents"] < 0:
+        if not _is_int(args["price_cents"]) or not 0 <= args["price_cents"] <= MAX_PRICE_CENTS:
             return "price_cents must be an integer >= 0"
     return None

@@ -33,6 +33,7 @@ from agent.hardware import ChannelState, DeviceFault, DeviceRecovered, DoorFeedb
 from agent.ledger import Ledger
 from agent.messages import CatalogOutcome, ControlCall, ScanSeen
 from agent.mqtt_link import Inbound, LinkDown, LinkUp, PublishFailed
+from agent.product_code import classify
 from agent.reconcile import LaneChange, reconcile
 from agent.sync import Syncer
 from agent.wire import canonical, format_ts, load_public_key
@@ -102,6 +103,7 @@ class Core:
         self._stopping = threading.Event()
         self.ledger_ok = True
         self._idle_reported: dict[str, float] = {}
+        self._stale_reported: set[int | None] = set()
         self._slow_alarm_cache: tuple[float, list[str]] | None = None
 
     # -- topics ------------------------------------------------------------------------------
@@ -124,6 +126,9 @@ class Core:
         body = {"kind": kind, **fields}
         try:
             self.ledger.append("event", body, self.now_ts())
+        except (UnicodeEncodeError, TypeError, ValueError, RecursionError) as exc:
+            log.error("event %s cannot be recorded, its content is not JSON text: %s", kind, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - sqlite3 errors, disk full
             self._ledger_failed(exc)
             return
@@ -594,24 +599,35 @@ class Core:
         context = "session" if active else ("restock" if self.service_mode else "idle")
         if context == "restock":
             return  # restock scans are judged by the restock command itself
-        look = self.catalog.lookup(scan.gtin or scan.text, at, scan.symbology)
-        if scan.gtin is None and look.reason != "bad_check_digit":
-            return  # not a product code at all
-        if look.certified:
-            return
+        gtin, bad = classify(scan.text, scan.symbology)
+        if gtin is None and bad is None:
+            return  # not a product code at all (a lot number, a URL, ...)
+        reason = bad
+        if gtin is not None:
+            look = self.catalog.lookup(gtin, at)
+            if look.certified:
+                return
+            reason = look.reason
         if context == "idle":
             key = f"idle_scan:{scan.gtin or scan.text}"
             last = self._idle_reported.get(key)
             if last is not None and self.clock() - last < 3600:
                 return
             self._idle_reported[key] = self.clock()
-        self.record_event("uncertified_scan", code=scan.text, gtin=scan.gtin, symbology=scan.symbology,
-                          context=context, reason=look.reason)
+        self.record_event("uncertified_scan", code=scan.text, gtin=gtin, symbology=scan.symbology,
+                          context=context, reason=reason)
 
     # -- catalog -------------------------------------------------------------------------------------------
     def _on_catalog_outcome(self, out: CatalogOutcome) -> None:
         if out.error is not None:
             err = out.error
+            if err.reason == "stale":
+                # After a delta, the retained (older) snapshot comes back on every reconnect:
+                # record its rejection once, not at every reconnect.
+                if err.version in self._stale_reported:
+                    log.info("catalog version %s is stale again (already recorded)", err.version)
+                    return
+                self._stale_reported.add(err.version)
             self.record_event("catalog_rejected", version=err.version, reason=err.reason)
             if err.reason == "base_mismatch" and self.link is not None:
                 self.link.resubscribe("cab/v1/catalog")
@@ -732,6 +748,7 @@ class Core:
         if abs(offset - self._clock_offset) > CLOCK_JUMP_S:
             self.record_event("clock_jump", delta_s=round(offset - self._clock_offset, 3))
         self._clock_offset = offset
+        self._idle_reported = {k: t for k, t in self._idle_reported.items() if now - t < 3600}
         try:
             with self.ledger.transaction() as tx:
                 tx.forget_commands_before(self.wall())

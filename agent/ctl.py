@@ -297,7 +297,16 @@ def _summary(type_: str, body: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cabinetctl", description="Service a cabinet through its running agent.")
     p.add_argument("--config", help="config file (default $CABINET_AGENT_CONFIG or /etc/cabinet-agent/agent.toml)")
+    # --config is also accepted after the command (cabinetctl status --config PATH)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     s = sub.add_parser("status", help="mode, doors, lanes, sync, alarms")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("service", help="enter or leave service mode")

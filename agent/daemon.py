@@ -94,7 +94,6 @@ class Daemon:
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("signal %d: stopping", signum)
             stop.set()
-            self.core.stop()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -106,12 +105,12 @@ class Daemon:
         while not stop.is_set() and core_thread.is_alive():
             stop.wait(1.0)
         sd_notify("STOPPING=1")
-        self.core.stop()
-        core_thread.join(10)
-        self.shutdown()
+        self.shutdown(core_thread)
         return 0
 
-    def shutdown(self) -> None:
+    def shutdown(self, core_thread: threading.Thread) -> None:
+        """Stop the producers first, then the core (it flushes and closes the ledger), then say
+        goodbye on MQTT with the offline status."""
         core = self.core
         self.control.stop()
         if self.camera is not None:
@@ -119,5 +118,7 @@ class Daemon:
         core.lockboard.stop()
         self.scales.stop()
         core.catalog_worker.stop()
+        core.stop()
+        core_thread.join(10)
         core.link.stop(last_words=(core.topic("status"), core.offline_status()))
         log.info("stopped")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
+import math
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from agent.commands import MAX_PRICE_CENTS
 from agent.control import ControlFailure
 from agent.core import Core
 from agent.errors import CatalogError
@@ -144,8 +145,9 @@ class Operator:
         code = args.get("code")
         if not isinstance(qty, int) or qty < 1:
             raise ControlFailure("--qty must be a whole number >= 1", 2)
-        if price is not None and (not isinstance(price, int) or price < 0):
-            raise ControlFailure("--price must be a whole number of cents >= 0", 2)
+        if price is not None and (not isinstance(price, int) or isinstance(price, bool)
+                                  or not 0 <= price <= MAX_PRICE_CENTS):
+            raise ControlFailure(f"--price must be a whole number of cents from 0 to {MAX_PRICE_CENTS}", 2)
         core = self.core
         self._on_core(self._require_service)
         symbology = None
@@ -184,8 +186,8 @@ class Operator:
     def price(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
         lane = self._lane_arg(args)
         cents = args.get("cents")
-        if not isinstance(cents, int) or isinstance(cents, bool) or cents < 0:
-            raise ControlFailure("price must be a whole number of cents >= 0", 2)
+        if not isinstance(cents, int) or isinstance(cents, bool) or not 0 <= cents <= MAX_PRICE_CENTS:
+            raise ControlFailure(f"price must be a whole number of cents from 0 to {MAX_PRICE_CENTS}", 2)
         core = self.core
 
         def apply() -> dict[str, Any]:
@@ -222,8 +224,8 @@ class Operator:
     def calibrate(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
         lane = self._lane_arg(args)
         grams = args.get("grams")
-        if not isinstance(grams, (int, float)) or isinstance(grams, bool) or grams <= 0:
-            raise ControlFailure("GRAMS must be a positive number", 2)
+        if not isinstance(grams, (int, float)) or isinstance(grams, bool) or not math.isfinite(grams) or grams <= 0:
+            raise ControlFailure("GRAMS must be a positive, finite number", 2)
         core = self.core
 
         def apply() -> dict[str, Any]:

@@ -34,7 +34,8 @@ class Syncer:
 
     def rewind(self, now: float, to_seq: int | None = None) -> None:
         """Send again from ``to_seq + 1`` (default: from the first unacknowledged record)."""
-        self.sent_upto = self.ledger.acked_upto if to_seq is None else max(0, to_seq)
+        target = self.ledger.acked_upto if to_seq is None else max(0, to_seq)
+        self.sent_upto = min(target, self.ledger.last_seq)  # a resend beyond the end must not skip new records
         self.last_progress = now
 
     def on_ack(self, upto: int, now: float) -> bool:

@@ -221,7 +221,7 @@ def test_base_mismatch_then_retained_snapshot_installed_after_reconnect(cabinet:
     rejected first, then the retained snapshot is installed; its redelivery is ignored silently."""
     cab = cabinet
     cab.stop_agent()
-    cab.platform.publish_catalog(cab.platform.make_catalog(6, [WALNUTS], base_version=5), "delta")
+    cab.platform.publish_catalog(cab.platform.make_catalog(6, [WALNUTS], base_version=4), "delta")
     snapshot = cab.platform.make_catalog(5, [SHIITAKE, HONEY, TEA, DATES, WALNUTS])
     cab.platform.publish_raw(CATALOG_TOPIC, snapshot, retain=True, qos=0)
     cab.start_agent()
@@ -262,7 +262,7 @@ def test_same_version_ignored_silently_lower_version_stale(cabinet: SimulatedCab
     assert lookup(cab, MILLET["gtin"])[0] == 1
 
 
-def test_forged_catalog_rejected_and_old_catalog_kept(cabinet: SimulatedCabinet) -> None:
+def test_forged_or_invalid_catalog_rejected_and_old_catalog_kept(cabinet: SimulatedCabinet) -> None:
     cab = cabinet
     # Signed by another key.
     cab.platform.publish_catalog(forge(cab.platform.make_catalog(2, [WALNUTS])), "snapshot", retain=False)
@@ -284,6 +284,11 @@ def test_forged_catalog_rejected_and_old_catalog_kept(cabinet: SimulatedCabinet)
     _, body = wait_event(cab, "catalog_rejected", reason="invalid", version=5)
     cab.platform.publish_catalog(b'{"version": 6, "products": [', "delta")
     _, body = wait_event(cab, "catalog_rejected", reason="invalid", version=None)
+    # A signed delta that lost its base_version must not be read as a snapshot (it would wipe the catalog).
+    no_base = wire.sign({"version": 7, "issued_at": wire.format_ts(dt.datetime.now(dt.timezone.utc)),
+                         "products": [WALNUTS], "revoked": []}, cab.platform.private_key)
+    cab.platform.publish_catalog(no_base, "delta")
+    _, body = wait_event(cab, "catalog_rejected", reason="invalid", version=7)
 
     assert catalog_info(cab)["version"] == 1
     assert cab.platform.status["catalog_version"] == 1
