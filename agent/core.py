@@ -41,7 +41,7 @@ from agent.wire import canonical, format_ts, load_public_key
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
-BASELINE_WAIT_S = 3.0        # how long an open_door may wait for the lanes to become stable
+BASELINE_WAIT_S = 3.0        # an open_door may wait this long (at least 2 x settle_s) for stable lanes
 STORAGE_LOW_BYTES = 50 * 1024 * 1024
 SEEN_PURGE_S = 3600.0
 CLOCK_JUMP_S = 60.0
@@ -428,7 +428,7 @@ class Core:
         if not self._door_lanes_stable(door):
             if not self._remember(cmd):
                 return
-            self.pending_open[door] = PendingOpen(cmd, self.clock() + BASELINE_WAIT_S)
+            self.pending_open[door] = PendingOpen(cmd, self.clock() + max(BASELINE_WAIT_S, 2 * self.cfg.scale.settle_s))
             log.info("open_door %s waits for stable lanes behind door %d", cmd.id, door)
             return
         self._start_session(cmd)

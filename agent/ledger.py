@@ -303,6 +303,13 @@ class Ledger:
                 return rec.seq, f"seq {rec.seq}: hash does not match its content"
             prev_seq, prev_hash = rec.seq, rec.hash
             count += 1
+        hwm = self._read_hwm()
+        last = prev_seq or 0
+        if hwm is not None and hwm[0] > last:
+            return last + 1, (f"records {last + 1}..{hwm[0]} were committed before but are missing "
+                              f"(deleted, or the database was rolled back)")
+        if hwm is not None and hwm[0] == last and last and hwm[1] != prev_hash:
+            return last, f"seq {last} is not the record that was committed (its hash differs from the high-water mark)"
         return None, f"{count} records verified"
 
     def prune_synced(self, before_at: str) -> int:

@@ -600,9 +600,6 @@ def test_verify_fresh_ledger_and_a_tampered_record(cabinet: SimulatedCabinet) ->
     assert r.returncode == 1 and "seq 4" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Ledger.verify / Ctl.verify ignore the high-water mark (ledger.hwm): a "
-                                       "ledger whose latest records were deleted verifies 'ok' (exit 0) although the "
-                                       "daemon raises ledger_corrupt for it")
 def test_verify_detects_deleted_latest_records(cabinet: SimulatedCabinet) -> None:
     cab = cabinet
     ok(cab.ctl("service", "on"))

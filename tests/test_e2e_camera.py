@@ -4,6 +4,9 @@ uncertified product held up to an idle cabinet becomes an `uncertified_scan` rec
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -54,5 +57,38 @@ def test_glob_camera_reports_uncertified_scan_once(tmp_path: Path) -> None:
         # the certified code is never reported; the first one not again within the hour
         assert [e["gtin"] for e in scans] == [first.gtin, second.gtin, third.gtin]
         assert "camera_fault" not in [e["kind"] for e in cab.platform.events()]  # a played-out glob idles
+    finally:
+        cab.stop()
+
+
+def test_restock_without_code_waits_for_a_camera_scan(tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    product = DEMO_PRODUCTS[2]
+    spec = _ean13(product["gtin"][1:13])
+    # 6 s of empty scene (start-up, service mode, the restock command), then the product held up
+    sequence = [empty_frame((640, 480), seed=i % 3) for i in range(60)]
+    sequence += [compose(spec, Degradation(module_px=3), (640, 480), seed=i) for i in range(10)]
+    for i, img in enumerate(sequence):
+        cv2.imwrite(str(frames / f"f{i:04d}.png"), img)
+    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-RS", timings=Timings.fast(),
+                           camera_source=str(frames / "*.png"))
+    try:
+        cab.start(assign_lanes=False)
+        assert cab.platform is not None
+        assert cab.ctl("service", "on").returncode == 0
+        proc = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--config", str(cab.config_path), "restock", "B1",
+                                 "--qty", "3", "--price", "2600", "--wait", "20"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "Hold the product's barcode up to the camera" in err
+        assert product["gtin"] in out
+        cab.platform.wait_for(lambda: bool(cab.platform.events("restock")), 10, "restock event")
+        event = cab.platform.events("restock")[0]
+        assert event["lane"] == "B1" and event["gtin"] == product["gtin"] and event["qty"] == 3
+        assert event["cert_id"] == product["cert_id"] and event["operator"]
+        lanes = {ln["lane"]: ln for ln in json.loads(cab.ctl("lanes", "--json").stdout)}
+        assert lanes["B1"]["gtin"] == product["gtin"] and lanes["B1"]["price_cents"] == 2600
     finally:
         cab.stop()
