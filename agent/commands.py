@@ -68,9 +68,21 @@ def parse_payload(payload: bytes) -> dict[str, Any]:
     try:
         canonical(obj)
     except (UnicodeEncodeError, RecursionError, ValueError):
-        # e.g. a lone surrogate escape (\ud800): it cannot be signed, hashed or recorded
-        raise Rejected("invalid: payload holds text that is not valid Unicode") from None
+        # e.g. a lone surrogate escape (\ud800): it cannot be signed, hashed or recorded;
+        # still name the command in the reply and the event when its id and type are text.
+        raise Rejected("invalid: payload holds text that is not valid Unicode",
+                       _text_or_none(obj.get("id")), _text_or_none(obj.get("type"))) from None
     return obj
+
+
+def _text_or_none(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def validate(obj: dict[str, Any], *, key: Ed25519PublicKey, now: float, skew_s: float, config: Config,

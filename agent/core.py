@@ -308,6 +308,11 @@ class Core:
         row = (rows or self.ledger.lane_rows()).get(lane, {})
         return round((view.gross_g - (row.get("tare_g") or 0.0)) * (row.get("factor") or 1.0), 3)
 
+    def _door_ready(self, door: int) -> bool:
+        """A session can start: the door's state is known and its lanes have a stable baseline.
+        (Right after a start neither is known yet; an open_door then waits a moment.)"""
+        return self.feedback[door] is not None and self._door_lanes_stable(door)
+
     def _door_lanes_stable(self, door: int) -> bool:
         return all(v.stable and v.gross_g is not None for v in self.lanes.values() if v.door == door)
 
@@ -425,7 +430,7 @@ class Core:
         self._check_can_open(cmd, door)
         if door in self.pending_open:
             raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
-        if not self._door_lanes_stable(door):
+        if not self._door_ready(door):
             if not self._remember(cmd):
                 return
             self.pending_open[door] = PendingOpen(cmd, self.clock() + max(BASELINE_WAIT_S, 2 * self.cfg.scale.settle_s))
@@ -440,15 +445,15 @@ class Core:
             raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
         if not self.ledger_ok:
             raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type)
-        if "lock_fault" in self.faults or self.feedback[door] is None:
+        if "lock_fault" in self.faults:
             raise Rejected("not_allowed: the lock board is not answering", cmd.id, cmd.type)
         for view in self.lanes.values():
-            if view.door == door and view.gross_g is None:
+            if view.door == door and f"scale_fault:{view.channel}" in self.faults:
                 raise Rejected(f"not_allowed: the scale of lane {view.name} is not answering", cmd.id, cmd.type)
 
     def _retry_pending_opens(self, now: float) -> None:
         for door, pending in list(self.pending_open.items()):
-            if self._door_lanes_stable(door):
+            if self._door_ready(door):
                 del self.pending_open[door]
                 try:
                     self._check_can_open(pending.command, door)
@@ -457,7 +462,9 @@ class Core:
                     self._reject(rej)
             elif now > pending.deadline:
                 del self.pending_open[door]
-                self._reject(Rejected("not_allowed: the scales are not stable", pending.command.id, "open_door"))
+                why = ("the lock board has not answered yet" if self.feedback[door] is None
+                       else "the scales are not stable")
+                self._reject(Rejected(f"not_allowed: {why}", pending.command.id, "open_door"))
 
     def _start_session(self, cmd: Command) -> None:
         door = cmd.args["door"]
