@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import json
 import os
+import stat
 import sys
 import time
 import zoneinfo
@@ -164,6 +165,7 @@ class Ctl:
                 print(f"{r['gtin']}: certified - {p['name']} ({p['cert_id']}, valid until {p['valid_until']})")
             else:
                 print(f"{a.arg}: NOT certified - {r['why']}")
+                _err(f"{a.arg} is not certified: {r['reason']}")
             return 0 if r["certified"] else EXIT_FAILED
         if a.action == "install":
             if not a.arg:
@@ -176,6 +178,9 @@ class Ctl:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise CtlExit(EXIT_FAILED, f"cannot read {path}: {exc.strerror}") from None
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CtlExit(EXIT_FAILED, f"{path} is a directory, not a catalog file")
         tty = sys.stderr.isatty()
 
         def progress(p: dict[str, Any]) -> None:

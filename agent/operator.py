@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
+import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -274,10 +277,20 @@ class Operator:
                 last[0] = pct
                 progress({"done": done, "total": total})
 
+        # Read the operator's file only through the descriptor cabinetctl passed: reopening it
+        # by path would check permissions again against the daemon's user. A spool copy in
+        # data_dir (the install reads its input twice) is removed afterwards.
+        spool = self.core.cfg.data_dir / f"catalog-upload-{os.getpid()}-{threading.get_ident()}.json"
         try:
-            result = worker.install_file(f"/proc/self/fd/{fds[0]}", report)
+            with os.fdopen(os.dup(fds[0]), "rb") as src, open(spool, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            result = worker.install_file(str(spool), report)
         except CatalogError as exc:
             raise ControlFailure(f"catalog refused: {exc.reason}: {exc}") from None
+        except OSError as exc:
+            raise ControlFailure(f"cannot read the catalog file: {exc.strerror or exc}") from None
+        finally:
+            spool.unlink(missing_ok=True)
         return {"outcome": result.outcome, "version": result.version, "products": result.products,
                 "delta": result.delta}
 
