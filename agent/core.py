@@ -15,6 +15,7 @@ import queue
 import shutil
 import threading
 import time
+import uuid
 import zoneinfo
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,18 +26,16 @@ from agent import __version__
 from agent.catalog import CatalogStore
 from agent.commands import Command, Rejected, parse_payload, validate
 from agent.config import Config
-from agent.control import ControlFailure
 from agent.doors import (ActiveSession, Closed, DoorForced, DoorMachine, LeftOpen, LeftOpenCleared, Opened, Phase,
                          Reopened, Settle, Timing, resume_phase)
-from agent.errors import CatalogError, LedgerError
-from agent.hardware import ChannelState, DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
+from agent.hardware import DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
 from agent.ledger import Ledger
 from agent.messages import CatalogOutcome, ControlCall, ScanSeen
 from agent.mqtt_link import Inbound, LinkDown, LinkUp, PublishFailed
 from agent.product_code import classify
 from agent.reconcile import LaneChange, reconcile
 from agent.sync import Syncer
-from agent.wire import canonical, format_ts, load_public_key
+from agent.wire import canonical, epoch_of, format_ts, load_public_key, ts_from_epoch
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +114,15 @@ class Core:
                 self.topic("catalog")]
 
     # -- time ----------------------------------------------------------------------------------
+    def now_dt(self) -> dt.datetime:
+        """The wall clock as an aware UTC datetime (certification checks, lookups)."""
+        return dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc)
+
     def now_ts(self) -> str:
-        return format_ts(dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc))
+        return format_ts(self.now_dt())
 
     def ts(self, epoch: float | None) -> str | None:
-        return None if epoch is None else format_ts(dt.datetime.fromtimestamp(epoch, dt.timezone.utc))
+        return None if epoch is None else ts_from_epoch(epoch)
 
     # -- ledger writes ---------------------------------------------------------------------------
     def record_event(self, kind: str, **fields: Any) -> None:
@@ -410,7 +413,7 @@ class Core:
 
     def _cmd_set_lane(self, cmd: Command) -> None:
         lane, code, price = cmd.args["lane"], cmd.args["gtin"], cmd.args["price_cents"]
-        look = self.catalog.lookup(code, dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc))
+        look = self.catalog.lookup(code, self.now_dt())
         if not look.certified:
             raise Rejected(f"not_certified: {code} is not certified now ({look.reason})", cmd.id, cmd.type)
         self.assign_lane(lane, look.gtin, price)
@@ -540,7 +543,7 @@ class Core:
         journal = next((r for r in self.ledger.active_sessions() if r["session_id"] == s.session_id), None)
         baseline: dict[str, float | None] = journal["baseline"] if journal else {}
         rows = self.ledger.lane_rows()
-        at = dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc)
+        at = self.now_dt()
         changes = []
         for view in self.lanes.values():
             if view.door != machine.door or not weigh:
@@ -556,7 +559,7 @@ class Core:
             with self.ledger.transaction() as tx:
                 if not result.empty:
                     body = {
-                        "sale_id": _uuid4(), "session_id": s.session_id, "door": s.door, "shopper": s.shopper,
+                        "sale_id": str(uuid.uuid4()), "session_id": s.session_id, "door": s.door, "shopper": s.shopper,
                         "opened_at": self.ts(s.opened_at), "closed_at": self.ts(s.closed_at or wall),
                         "items": result.items, "total_cents": result.total_cents, "flags": result.flags,
                     }
@@ -596,7 +599,7 @@ class Core:
             if not fut.done():
                 fut.set_result(scan)
         self.scan_waiters.clear()
-        at = dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc)
+        at = self.now_dt()
         active = [m.session for m in self.doors.values() if m.session is not None and m.session.phase is Phase.OPEN]
         if scan.gtin is not None:
             for s in active:
@@ -678,7 +681,7 @@ class Core:
         if self._slow_alarm_cache is not None and now - self._slow_alarm_cache[0] < 5.0:
             return self._slow_alarm_cache[1]
         alarms: list[str] = []
-        at = dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc)
+        at = self.now_dt()
         for lane, row in sorted(self.ledger.lane_rows().items()):
             if row.get("gtin") and lane in self.lanes:
                 look = self.catalog.lookup(row["gtin"], at)
@@ -703,7 +706,6 @@ class Core:
         if not issued:
             return True
         try:
-            from agent.wire import epoch_of
             age = self.wall() - epoch_of(issued)
         except ValueError:
             return True
@@ -762,7 +764,7 @@ class Core:
         except Exception as exc:  # noqa: BLE001
             self._ledger_failed(exc)
         days = self.cfg.platform.retain_synced_days
-        cutoff = format_ts(dt.datetime.fromtimestamp(self.wall() - days * 86400, dt.timezone.utc))
+        cutoff = ts_from_epoch(self.wall() - days * 86400)
         try:
             pruned = self.ledger.prune_synced(cutoff)
             if pruned:
@@ -785,8 +787,3 @@ def _product_dict(product: Any) -> dict[str, Any]:
         "unit_weight_g": product.unit_weight_g, "weight_tolerance_g": product.weight_tolerance_g,
     }
 
-
-def _uuid4() -> str:
-    import uuid
-
-    return str(uuid.uuid4())

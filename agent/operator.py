@@ -7,7 +7,6 @@ here, never on the core thread.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import os
@@ -79,7 +78,7 @@ class Operator:
 
         def build() -> list[dict[str, Any]]:
             rows = core.ledger.lane_rows()
-            at = dt.datetime.fromtimestamp(core.wall(), dt.timezone.utc)
+            at = core.now_dt()
             out = []
             for name, view in core.lanes.items():
                 row = rows.get(name, {})
@@ -168,7 +167,7 @@ class Operator:
 
         def apply() -> dict[str, Any]:
             self._require_service()
-            at = dt.datetime.fromtimestamp(core.wall(), dt.timezone.utc)
+            at = core.now_dt()
             look = core.catalog.lookup(code, at, symbology)
             if not look.certified:
                 core.record_event("uncertified_scan", code=code, gtin=look.gtin, symbology=symbology,
@@ -253,7 +252,7 @@ class Operator:
         code = args.get("code")
         if not isinstance(code, str) or not code:
             raise ControlFailure("give a product code", 2)
-        at = dt.datetime.fromtimestamp(self.core.wall(), dt.timezone.utc)
+        at = self.core.now_dt()
         look = self.core.catalog.lookup(code, at)
         p = look.product
         return {"code": code, "gtin": look.gtin, "certified": look.certified, "reason": look.reason,

@@ -839,7 +839,7 @@ def test_persistent_session_with_client_id(make_cabinet: Callable[..., Simulated
     cab = make_cabinet()
     assert cab.platform and cab.broker
     log_text = cab.broker.log_path.read_text(errors="replace")
-    connects = re.findall(rf"New client connected from \S+ as (\S+) \(p(\d), c(\d),", log_text)
+    connects = re.findall(r"New client connected from \S+ as (\S+) \(p(\d), c(\d),", log_text)
     assert (f"cab-{CAB_ID}", "5", "0") in connects, connects  # MQTT 5, clean_start=false
     assert all(cid != f"cab-{CAB_ID}" or (proto, clean) == ("5", "0") for cid, proto, clean in connects), connects
 
