@@ -207,6 +207,11 @@ class Core:
                 log.exception("error in the core step")
         self.finish()
 
+    def settling(self) -> bool:
+        """A session is past its door and only waits for the scales (read from another thread)."""
+        return any(m.session is not None and m.session.phase in (Phase.SETTLING, Phase.TIMED_OUT)
+                   for m in self.doors.values())
+
     def finish(self) -> None:
         """SIGTERM: a running session stays journaled and resumes at the next start."""
         for machine in self.doors.values():

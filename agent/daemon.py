@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 from agent.catalog_worker import CatalogWorker
@@ -113,6 +114,11 @@ class Daemon:
         goodbye on MQTT with the offline status."""
         core = self.core
         self.control.stop()
+        # Bookkeeping of a session whose door is already shut: let it settle and record its
+        # sale before the devices stop (an open door's session stays journaled and resumes).
+        deadline = time.monotonic() + self.cfg.scale.settle_s + 3.0
+        while core_thread.is_alive() and core.settling() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self.camera is not None:
             self.camera.stop()
         core.lockboard.stop()

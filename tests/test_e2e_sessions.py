@@ -126,3 +126,18 @@ def test_sigkill_before_the_door_opened_resumes_without_unlock(cabinet: Simulate
     assert rec["type"] == "sale"
     assert [(i["lane"], i["qty"]) for i in rec["body"]["items"]] == [("B2", 1)]
     assert _unlock_frames(cab, 2) == 1
+
+
+def test_sigterm_after_the_door_shut_records_the_sale_before_exiting(cabinet: SimulatedCabinet) -> None:
+    cab = cabinet
+    sid = cab.authorize(1, "shopper-term")
+    assert cab.lockboard.open_door(1)
+    cab.wait_door_seen_open(1)
+    cab.take("A2", 1)
+    cab.lockboard.close_door(1)
+    assert cab.stop_agent() == 0          # SIGTERM right after the door shut, while the scales settle
+    out = cab.ctl("sales", "--json")      # the ledger, read with the daemon stopped
+    assert out.returncode == 0, out.stderr
+    sales = [r for r in json.loads(out.stdout) if r["type"] == "sale" and r["body"]["session_id"] == sid]
+    assert len(sales) == 1
+    assert [(i["lane"], i["qty"]) for i in sales[0]["body"]["items"]] == [("A2", 1)]
