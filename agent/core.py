@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import logging
 import queue
-import shutil
 import threading
 import time
 import uuid
@@ -34,14 +33,14 @@ from agent.messages import CatalogOutcome, ControlCall, ScanSeen
 from agent.mqtt_link import Inbound, LinkDown, LinkUp, PublishFailed
 from agent.product_code import classify
 from agent.reconcile import LaneChange, reconcile
+from agent.status import StatusReporter
 from agent.sync import Syncer
-from agent.wire import canonical, epoch_of, format_ts, load_public_key, ts_from_epoch
+from agent.wire import canonical, format_ts, load_public_key, ts_from_epoch
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
 BASELINE_WAIT_S = 3.0        # an open_door may wait this long (at least 2 x settle_s) for stable lanes
-STORAGE_LOW_BYTES = 50 * 1024 * 1024
 SEEN_PURGE_S = 3600.0
 CLOCK_JUMP_S = 60.0
 
@@ -94,8 +93,6 @@ class Core:
         self.alarm_ledger_corrupt = self.ledger.rolled_back
         self.syncer = Syncer(self.ledger, self.cid, self._publish_batch, cfg.platform.max_batch,
                              cfg.platform.ack_timeout_s)
-        self._last_status_key: Any = None
-        self._last_status_at = -1e9
         self._last_housekeeping = -1e9
         self._last_ack_flush = -1e9
         self._clock_offset = self.wall() - self.clock()
@@ -103,7 +100,7 @@ class Core:
         self.ledger_ok = True
         self._idle_reported: dict[str, float] = {}
         self._stale_reported: set[int | None] = set()
-        self._slow_alarm_cache: tuple[float, list[str]] | None = None
+        self.reporter = StatusReporter(self)
 
     # -- topics ------------------------------------------------------------------------------
     def topic(self, suffix: str) -> str:
@@ -654,107 +651,18 @@ class Core:
         self.invalidate_alarms()
         self.publish_status(force=True)
 
-    # -- status --------------------------------------------------------------------------------------------
-    def door_states(self) -> list[dict[str, Any]]:
-        now = self.clock()
-        out = []
-        for door, machine in self.doors.items():
-            raw = self.feedback[door]
-            if raw is None:
-                out.append({"door": door, "open": None, "locked": None})
-            elif not raw:
-                out.append({"door": door, "open": False, "locked": True})
-            else:
-                in_pulse = machine.last_pulse_at is not None and now - machine.last_pulse_at <= self.timing.ambiguous_s
-                out.append({"door": door, "open": not in_pulse and bool(machine.is_open), "locked": False})
-        return out
-
-    def alarms(self) -> list[str]:
-        alarms = [f"door_left_open:{d}" for d, m in self.doors.items() if m.left_open_alarm]
-        alarms += sorted(self.faults)
-        alarms += self._slow_alarms()
-        if self.alarm_ledger_corrupt:
-            alarms.append("ledger_corrupt")
-        if not self.ledger_ok:
-            alarms.append("ledger_unwritable")
-        return alarms
-
-    def _slow_alarms(self) -> list[str]:
-        """Product, catalog and storage alarms: they change with the catalog, the planogram or
-        the date, so they are recomputed every few seconds (or when invalidated), not at every step."""
-        now = self.clock()
-        if self._slow_alarm_cache is not None and now - self._slow_alarm_cache[0] < 5.0:
-            return self._slow_alarm_cache[1]
-        alarms: list[str] = []
-        at = self.now_dt()
-        for lane, row in sorted(self.ledger.lane_rows().items()):
-            if row.get("gtin") and lane in self.lanes:
-                look = self.catalog.lookup(row["gtin"], at)
-                if look.reason == "revoked":
-                    alarms.append(f"revoked_product:{lane}")
-                elif look.reason == "expired":
-                    alarms.append(f"expired_product:{lane}")
-                elif not look.certified:
-                    alarms.append(f"uncertified_product:{lane}")
-        if self._catalog_stale():
-            alarms.append("catalog_stale")
-        if self._storage_low():
-            alarms.append("storage_low")
-        self._slow_alarm_cache = (now, alarms)
-        return alarms
-
-    def invalidate_alarms(self) -> None:
-        self._slow_alarm_cache = None
-
-    def _catalog_stale(self) -> bool:
-        issued = self.catalog.issued_at
-        if not issued:
-            return True
-        try:
-            age = self.wall() - epoch_of(issued)
-        except ValueError:
-            return True
-        return age > self.cfg.platform.catalog_max_age_days * 86400
-
-    def _storage_low(self) -> bool:
-        try:
-            return shutil.disk_usage(self.cfg.data_dir).free < STORAGE_LOW_BYTES
-        except OSError:
-            return True
-
-    def mode(self) -> str:
-        if self.service_mode:
-            return "service"
-        if any(m.busy for m in self.doors.values()):
-            return "session"
-        if "lock_fault" in self.faults or not self.ledger_ok:
-            return "fault"
-        return "ready"
-
+    # -- status (agent.status) -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {
-            "online": True, "at": self.now_ts(), "cabinet": self.cid, "agent_version": __version__,
-            "catalog_version": self.catalog.version, "unsynced": self.ledger.unsynced,
-            "last_seq": self.ledger.last_seq, "mode": self.mode(), "doors": self.door_states(),
-            "alarms": self.alarms(),
-        }
+        return self.reporter.status()
 
     def publish_status(self, force: bool = False) -> None:
-        """Publish on connect, on a change of doors, locks, mode or alarms, and every status_interval_s."""
-        if self.link is None or not self.link.connected:
-            return
-        now = self.clock()
-        key = (self.mode(), tuple(tuple(d.values()) for d in self.door_states()), tuple(self.alarms()),
-               self.catalog.version)
-        due = now - self._last_status_at >= self.cfg.platform.status_interval_s
-        if not (force or due or key != self._last_status_key):
-            return
-        if self.link.publish(self.topic("status"), canonical(self.status()), qos=1, retain=True) is not None:
-            self._last_status_key = key
-            self._last_status_at = now
+        self.reporter.publish(force)
+
+    def invalidate_alarms(self) -> None:
+        self.reporter.invalidate()
 
     def offline_status(self) -> bytes:
-        return canonical({"online": False, "at": self.now_ts(), "cabinet": self.cid})
+        return self.reporter.offline_status()
 
     # -- housekeeping ------------------------------------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
