@@ -149,33 +149,27 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "config"
 
 
-def _cross_checks(cfg: Config) -> list[str]:
+def _unique(items: list[Any], section: str, field: str, what: str) -> list[str]:
+    """One problem per item whose ``field`` repeats an earlier item's."""
     problems: list[str] = []
-    door_numbers = [d.door for d in cfg.doors]
-    seen: dict[Any, int] = {}
-    for i, d in enumerate(cfg.doors):
-        if d.door in seen:
-            problems.append(f"doors[{i}].door: door {d.door} is already defined at doors[{seen[d.door]}]")
-        seen.setdefault(d.door, i)
-    seen = {}
-    for i, d in enumerate(cfg.doors):
-        if d.lock in seen:
-            problems.append(f"doors[{i}].lock: lock channel {d.lock} is already used by doors[{seen[d.lock]}]")
-        seen.setdefault(d.lock, i)
-    seen = {}
+    first: dict[Any, int] = {}
+    for i, item in enumerate(items):
+        value = getattr(item, field)
+        if value in first:
+            problems.append(f"{section}[{i}].{field}: {what} {value} is already used by {section}[{first[value]}]")
+        first.setdefault(value, i)
+    return problems
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = _unique(cfg.doors, "doors", "door", "door")
+    problems += _unique(cfg.doors, "doors", "lock", "lock channel")
+    door_numbers = {d.door for d in cfg.doors}
     for i, lane in enumerate(cfg.lanes):
         if lane.door not in door_numbers:
             problems.append(f"lanes[{i}].door: door {lane.door} is not defined in [[doors]]")
-        if lane.lane in seen:
-            problems.append(f"lanes[{i}].lane: lane {lane.lane!r} is already defined at lanes[{seen[lane.lane]}]")
-        seen.setdefault(lane.lane, i)
-    seen = {}
-    for i, lane in enumerate(cfg.lanes):
-        if lane.channel in seen:
-            problems.append(
-                f"lanes[{i}].channel: scale channel {lane.channel} is already used by lanes[{seen[lane.channel]}]"
-            )
-        seen.setdefault(lane.channel, i)
+    problems += _unique(cfg.lanes, "lanes", "lane", "lane")
+    problems += _unique(cfg.lanes, "lanes", "channel", "scale channel")
     if not cfg.doors:
         problems.append("doors: at least one [[doors]] entry is required")
     return problems
