@@ -14,7 +14,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 import zoneinfo
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,14 +24,14 @@ from agent import __version__
 from agent.catalog import CatalogStore
 from agent.commands import Command, Rejected, parse_payload, validate
 from agent.config import Config
-from agent.doors import (ActiveSession, Closed, DoorForced, DoorMachine, LeftOpen, LeftOpenCleared, Opened, Phase,
-                         Reopened, Settle, Timing, resume_phase)
+from agent.doors import (ActiveSession, DoorMachine, Phase,
+                         Timing, resume_phase)
 from agent.hardware import DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
 from agent.ledger import Ledger
 from agent.messages import CatalogOutcome, ControlCall, ScanSeen
 from agent.mqtt_link import Inbound, LinkDown, LinkUp, PublishFailed
 from agent.product_code import classify
-from agent.reconcile import LaneChange, reconcile
+from agent.sessions import SessionRunner, product_dict
 from agent.status import StatusReporter
 from agent.sync import Syncer
 from agent.wire import canonical, format_ts, load_public_key, ts_from_epoch
@@ -40,15 +39,8 @@ from agent.wire import canonical, format_ts, load_public_key, ts_from_epoch
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
-BASELINE_WAIT_S = 3.0        # an open_door may wait this long (at least 2 x settle_s) for stable lanes
 SEEN_PURGE_S = 3600.0
 CLOCK_JUMP_S = 60.0
-
-
-@dataclass
-class PendingOpen:
-    command: Command
-    deadline: float
 
 
 @dataclass
@@ -86,8 +78,6 @@ class Core:
         self.link: Any = None          # MqttLink, set by the runner
         self.lockboard: Any = None     # LockboardThread
         self.catalog_worker: Any = None
-        self.pending_open: dict[int, PendingOpen] = {}
-        self.pending_reply: dict[str, str] = {}   # session_id -> command id awaiting unlock result
         self.scan_waiters: list[Future[ScanSeen]] = []
         self.service_mode = self.ledger.meta("service_mode", "0") == "1"
         self.alarm_ledger_corrupt = self.ledger.rolled_back
@@ -101,6 +91,7 @@ class Core:
         self._idle_reported: dict[str, float] = {}
         self._stale_reported: set[int | None] = set()
         self.reporter = StatusReporter(self)
+        self.sessions = SessionRunner(self)
 
     # -- topics ------------------------------------------------------------------------------
     def topic(self, suffix: str) -> str:
@@ -130,11 +121,11 @@ class Core:
             log.error("event %s cannot be recorded, its content is not JSON text: %s", kind, exc)
             return
         except Exception as exc:  # noqa: BLE001 - sqlite3 errors, disk full
-            self._ledger_failed(exc)
+            self.ledger_failed(exc)
             return
         log.info("event %s %s", kind, json.dumps(fields, ensure_ascii=False))
 
-    def _ledger_failed(self, exc: BaseException) -> None:
+    def ledger_failed(self, exc: BaseException) -> None:
         log.error("the ledger cannot accept records: %s", exc)
         self.ledger_ok = False
 
@@ -223,7 +214,7 @@ class Core:
         elif isinstance(item, ScaleCycle):
             self._on_scales(item)
         elif isinstance(item, UnlockDone):
-            self._on_unlock_done(item)
+            self.sessions.on_unlock_done(item)
         elif isinstance(item, Inbound):
             self._on_inbound(item)
         elif isinstance(item, LinkUp):
@@ -252,10 +243,10 @@ class Core:
         now = self.clock()
         wall = self.wall()
         for door, machine in self.doors.items():
-            actions = machine.step(now, wall, self.feedback[door], self._door_lanes_stable(door))
+            actions = machine.step(now, wall, self.feedback[door], self.door_lanes_stable(door))
             for action in actions:
-                self._apply(machine, action)
-        self._retry_pending_opens(now)
+                self.sessions.apply(machine, action)
+        self.sessions.retry_pending(now)
         self.syncer.pump(now, self.link is not None and self.link.connected)
         self.publish_status()
         if now - self._last_ack_flush > 1.0:
@@ -263,7 +254,7 @@ class Core:
             try:
                 self.ledger.flush_acked()
             except Exception as exc:  # noqa: BLE001
-                self._ledger_failed(exc)
+                self.ledger_failed(exc)
         if now - self._last_housekeeping > 10.0:
             self._last_housekeeping = now
             self._housekeeping(now)
@@ -313,12 +304,12 @@ class Core:
         row = (rows or self.ledger.lane_rows()).get(lane, {})
         return round((view.gross_g - (row.get("tare_g") or 0.0)) * (row.get("factor") or 1.0), 3)
 
-    def _door_ready(self, door: int) -> bool:
+    def door_ready(self, door: int) -> bool:
         """A session can start: the door's state is known and its lanes have a stable baseline.
         (Right after a start neither is known yet; an open_door then waits a moment.)"""
-        return self.feedback[door] is not None and self._door_lanes_stable(door)
+        return self.feedback[door] is not None and self.door_lanes_stable(door)
 
-    def _door_lanes_stable(self, door: int) -> bool:
+    def door_lanes_stable(self, door: int) -> bool:
         return all(v.stable and v.gross_g is not None for v in self.lanes.values() if v.door == door)
 
     # -- platform messages ---------------------------------------------------------------------------
@@ -353,19 +344,19 @@ class Core:
             cmd = validate(obj, key=self.key, now=self.wall(), skew_s=self.cfg.platform.clock_skew_s,
                            config=self.cfg, seen=self.ledger.command_seen)
         except Rejected as rej:
-            self._reject(rej)
+            self.reject(rej)
             return
         log.info("command %s %s accepted", cmd.type, cmd.id)
         if cmd.type == "open_door":
             # The id is remembered in the same commit that journals the session: one fsync
             # between the command and the unlock frame.
             try:
-                self._cmd_open_door(cmd)
+                self.sessions.open_door(cmd)
             except Rejected as rej:
-                self._remember(cmd)
-                self._reject(rej)
+                self.remember(cmd)
+                self.reject(rej)
             return
-        if not self._remember(cmd):
+        if not self.remember(cmd):
             return
         try:
             if cmd.type == "status":
@@ -376,23 +367,23 @@ class Core:
             elif cmd.type == "set_lane":
                 self._cmd_set_lane(cmd)
         except Rejected as rej:
-            self._reject(rej)
+            self.reject(rej)
 
-    def _remember(self, cmd: Command) -> bool:
+    def remember(self, cmd: Command) -> bool:
         """Persist the command id (replay protection across restarts); False if the ledger failed."""
         try:
             with self.ledger.transaction() as tx:
-                tx.remember_command(cmd.id, self._seen_until(cmd))
+                tx.remember_command(cmd.id, self.seen_until(cmd))
         except Exception as exc:  # noqa: BLE001
-            self._ledger_failed(exc)
-            self._reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
+            self.ledger_failed(exc)
+            self.reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
             return False
         return True
 
-    def _seen_until(self, cmd: Command) -> float:
+    def seen_until(self, cmd: Command) -> float:
         return cmd.expires_at + self.cfg.platform.clock_skew_s
 
-    def _reject(self, rej: Rejected) -> None:
+    def reject(self, rej: Rejected) -> None:
         log.warning("command %s (%s) rejected: %s", rej.command_id, rej.type, rej.reason)
         self.record_event("command_rejected", command_id=rej.command_id, type=rej.type, reason=rej.reason)
         if rej.command_id is not None:
@@ -423,177 +414,18 @@ class Core:
 
     def assign_lane(self, lane: str, gtin: str | None, price_cents: int | None) -> None:
         product = self.catalog.product(gtin) if gtin else None
-        snapshot = json.dumps(_product_dict(product)) if product else None
+        snapshot = json.dumps(product_dict(product)) if product else None
         with self.ledger.transaction() as tx:
             tx.set_lane(lane, gtin=gtin, price_cents=price_cents, product=snapshot)
         self.invalidate_alarms()
         self.publish_status()
 
-    # -- sessions ---------------------------------------------------------------------------------------
-    def _cmd_open_door(self, cmd: Command) -> None:
-        door = cmd.args["door"]
-        self._check_can_open(cmd, door)
-        if door in self.pending_open:
-            raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
-        if not self._door_ready(door):
-            if not self._remember(cmd):
-                return
-            self.pending_open[door] = PendingOpen(cmd, self.clock() + max(BASELINE_WAIT_S, 2 * self.cfg.scale.settle_s))
-            log.info("open_door %s waits for stable lanes behind door %d", cmd.id, door)
-            return
-        self._start_session(cmd)
-
-    def _check_can_open(self, cmd: Command, door: int) -> None:
-        if self.service_mode:
-            raise Rejected("not_allowed: the cabinet is in service mode", cmd.id, cmd.type)
-        if self.doors[door].busy:
-            raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
-        if not self.ledger_ok:
-            raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type)
-        if "lock_fault" in self.faults:
-            raise Rejected("not_allowed: the lock board is not answering", cmd.id, cmd.type)
-        for view in self.lanes.values():
-            if view.door == door and f"scale_fault:{view.channel}" in self.faults:
-                raise Rejected(f"not_allowed: the scale of lane {view.name} is not answering", cmd.id, cmd.type)
-
-    def _retry_pending_opens(self, now: float) -> None:
-        for door, pending in list(self.pending_open.items()):
-            if self._door_ready(door):
-                del self.pending_open[door]
-                try:
-                    self._check_can_open(pending.command, door)
-                    self._start_session(pending.command)
-                except Rejected as rej:
-                    self._reject(rej)
-            elif now > pending.deadline:
-                del self.pending_open[door]
-                why = ("the lock board has not answered yet" if self.feedback[door] is None
-                       else "the scales are not stable")
-                self._reject(Rejected(f"not_allowed: {why}", pending.command.id, "open_door"))
-
-    def _start_session(self, cmd: Command) -> None:
-        door = cmd.args["door"]
-        rows = self.ledger.lane_rows()
-        baseline = {v.name: self.lane_weight(v.name, rows) for v in self.lanes.values() if v.door == door}
-        now, wall = self.clock(), self.wall()
-        try:
-            with self.ledger.transaction() as tx:
-                tx.remember_command(cmd.id, self._seen_until(cmd))
-                tx.open_session(session_id=cmd.args["session_id"], command_id=cmd.id, door=door,
-                                shopper=cmd.args["shopper"], auth=cmd.args["auth"],
-                                baseline=baseline, unlock_at=wall)
-        except Exception as exc:  # noqa: BLE001 - e.g. a session id used before
-            if "UNIQUE" in str(exc):
-                raise Rejected("invalid_args: session_id was used before", cmd.id, cmd.type) from None
-            self._ledger_failed(exc)
-            raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type) from None
-        session = ActiveSession(session_id=cmd.args["session_id"], door=door, shopper=cmd.args["shopper"],
-                                unlock_at=now)
-        self.doors[door].begin(session)
-        self.pending_reply[session.session_id] = cmd.id
-        # Rule 1: the baseline is journaled (committed above) before the unlock frame is sent.
-        if self.lockboard is not None:
-            self.lockboard.unlock(self.lock_of[door], session.session_id)
-        log.info("session %s: door %d unlocking for %s (baseline %s)", session.session_id, door,
-                 session.shopper, baseline)
-        self.publish_status()
-
-    def _on_unlock_done(self, done: UnlockDone) -> None:
-        door = next((d for d, lock in self.lock_of.items() if lock == done.lock), None)
-        if door is None:
-            return
-        machine = self.doors[door]
-        machine.last_pulse_at = done.at
-        if machine.session is not None and machine.session.session_id == done.token:
-            machine.session.unlock_at = done.at
-        command_id = self.pending_reply.pop(done.token, None)
-        if command_id is not None:
-            if done.ok:
-                self.reply(command_id, True, result={"session_id": done.token, "door": door, "unlocked": True})
-            else:
-                self.reply(command_id, False, error=f"lock_fault: unlock not confirmed ({done.detail})",
-                           result={"session_id": done.token, "door": door, "unlocked": False})
-
-    def _apply(self, machine: DoorMachine, action: Any) -> None:
-        s = machine.session
-        if isinstance(action, Opened):
-            self._journal(action.session_id, opened_at=action.at, state="open")
-            log.info("session %s: door %d opened", action.session_id, machine.door)
-        elif isinstance(action, Closed):
-            self._journal(action.session_id, closed_at=action.at, state="settling")
-            log.info("session %s: door %d shut, settling", action.session_id, machine.door)
-        elif isinstance(action, Reopened):
-            self._journal(action.session_id, closed_at=None, state="open")
-        elif isinstance(action, Settle) and s is not None:
-            self._settle(machine, s, action.timed_out, action.weigh)
-        elif isinstance(action, DoorForced):
-            self.record_event("door_forced", door=action.door)
-        elif isinstance(action, LeftOpen):
-            self.record_event("door_left_open", door=action.door, session_id=action.session_id, open_s=action.open_s)
-        elif isinstance(action, LeftOpenCleared):
-            log.info("door %d shut again after the left-open alarm", action.door)
-        self.publish_status()
-
-    def _journal(self, session_id: str, **fields: Any) -> None:
+    def journal(self, session_id: str, **fields: Any) -> None:
         try:
             with self.ledger.transaction() as tx:
                 tx.update_session(session_id, **fields)
         except Exception as exc:  # noqa: BLE001
-            self._ledger_failed(exc)
-
-    def _settle(self, machine: DoorMachine, s: ActiveSession, timed_out: bool, weigh: bool = True) -> None:
-        journal = next((r for r in self.ledger.active_sessions() if r["session_id"] == s.session_id), None)
-        baseline: dict[str, float | None] = journal["baseline"] if journal else {}
-        rows = self.ledger.lane_rows()
-        at = self.now_dt()
-        changes = []
-        for view in self.lanes.values():
-            if view.door != machine.door or not weigh:
-                continue
-            base = baseline.get(view.name)
-            current = self.lane_weight(view.name, rows)
-            if base is None or current is None:
-                continue
-            changes.append(self._lane_change(view.name, rows.get(view.name, {}), base, current, at))
-        result = reconcile(changes, s.scans)
-        wall = self.wall()
-        try:
-            with self.ledger.transaction() as tx:
-                if not result.empty:
-                    body = {
-                        "sale_id": str(uuid.uuid4()), "session_id": s.session_id, "door": s.door, "shopper": s.shopper,
-                        "opened_at": self.ts(s.opened_at), "closed_at": self.ts(s.closed_at or wall),
-                        "items": result.items, "total_cents": result.total_cents, "flags": result.flags,
-                    }
-                    tx.append("sale", body, self.now_ts())
-                elif timed_out:
-                    tx.append("event", {"kind": "session_timeout", "session_id": s.session_id,
-                                        "shopper": s.shopper, "door": s.door}, self.now_ts())
-                else:
-                    tx.append("event", {"kind": "session_empty", "session_id": s.session_id, "shopper": s.shopper,
-                                        "door": s.door, "opened_at": self.ts(s.opened_at),
-                                        "closed_at": self.ts(s.closed_at)}, self.now_ts())
-                tx.update_session(s.session_id, state="ended", ended_at=wall)
-        except Exception as exc:  # noqa: BLE001
-            self._ledger_failed(exc)
-            return
-        machine.end_session()
-        outcome = "sale" if not result.empty else ("session_timeout" if timed_out else "session_empty")
-        log.info("session %s ended: %s %s", s.session_id, outcome,
-                 f"total {result.total_cents} cents" if not result.empty else "")
-
-    def _lane_change(self, lane: str, row: dict[str, Any], base: float, current: float,
-                     at: dt.datetime) -> LaneChange:
-        gtin = row.get("gtin")
-        product = self.catalog.product(gtin) if gtin else None
-        info = _product_dict(product) if product else (row.get("product") or {})
-        certified = bool(gtin) and self.catalog.lookup(gtin, at).certified
-        return LaneChange(
-            lane=lane, baseline_g=base, current_g=current, gtin=gtin, name=info.get("name"),
-            cert_id=info.get("cert_id"), unit_weight_g=info.get("unit_weight_g"),
-            tolerance_g=info.get("weight_tolerance_g"), unit_price_cents=row.get("price_cents") or 0,
-            certified=certified,
-        )
+            self.ledger_failed(exc)
 
     # -- camera scans -----------------------------------------------------------------------------------
     def _on_scan(self, scan: ScanSeen) -> None:
@@ -607,7 +439,7 @@ class Core:
             for s in active:
                 if scan.gtin not in s.scans:
                     s.scans.append(scan.gtin)
-                    self._journal(s.session_id, scans=s.scans)
+                    self.journal(s.session_id, scans=s.scans)
         context = "session" if active else ("restock" if self.service_mode else "idle")
         if context == "restock":
             return  # restock scans are judged by the restock command itself
@@ -675,7 +507,7 @@ class Core:
             with self.ledger.transaction() as tx:
                 tx.forget_commands_before(self.wall())
         except Exception as exc:  # noqa: BLE001
-            self._ledger_failed(exc)
+            self.ledger_failed(exc)
         days = self.cfg.platform.retain_synced_days
         cutoff = ts_from_epoch(self.wall() - days * 86400)
         try:
@@ -693,10 +525,4 @@ class Core:
             except Exception:  # noqa: BLE001
                 pass
 
-
-def _product_dict(product: Any) -> dict[str, Any]:
-    return {
-        "gtin": product.gtin, "name": product.name, "cert_id": product.cert_id,
-        "unit_weight_g": product.unit_weight_g, "weight_tolerance_g": product.weight_tolerance_g,
-    }
 
