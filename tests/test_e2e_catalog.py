@@ -25,8 +25,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
+from agent.catalog import CatalogStore
 from agent.gtin import with_check_digit
 from agent.simcabinet import DEMO_PRODUCTS, SimulatedCabinet, Timings
+from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -554,5 +556,36 @@ def test_catalog_stale_alarm(tmp_path: Path) -> None:
             cab.platform.make_catalog(2, DEMO_PRODUCTS, issued_at=now - dt.timedelta(hours=12)), "snapshot")
         wait_status(cab, lambda s: s.get("catalog_version") == 2 and "catalog_stale" not in s.get("alarms", []),
                     "catalog version 2 installed without alarm catalog_stale")
+    finally:
+        cab.stop()
+
+
+def test_sigkill_during_a_large_install_keeps_the_old_catalog_and_restart_installs_cleanly(tmp_path: Path) -> None:
+    """A 300,000-product retained snapshot over MQTT; the agent is killed while installing it."""
+    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-BIG", timings=Timings.fast())
+    try:
+        cab.start(assign_lanes=False)
+        assert cab.platform is not None
+        big = [_product("", f"Product {i}", f"PA-2026-{i:06d}", gtin="0" + with_check_digit(f"69{i:010d}"))
+               for i in range(300_000)]
+        doc = cab.platform.make_catalog(2, big + list(DEMO_PRODUCTS))
+        wal = cab.workdir / "data" / "catalog.db-wal"
+        before = wal.stat().st_size if wal.exists() else 0
+        cab.platform.publish_catalog(doc, "snapshot")
+        # the install is under way once its staging writes grow the catalog's WAL by megabytes
+        wait_until(lambda: wal.exists() and wal.stat().st_size > before + 8 * 2**20, 60, "install under way")
+        cab.kill_agent()
+        assert not any(e.get("version") == 2 for e in cab.platform.events("catalog_installed"))
+        # the old catalog (version 1) is intact: read it with the daemon down, straight from its file
+        store = CatalogStore(cab.workdir / "data" / "catalog.db", cab.platform.private_key.public_key())
+        assert store.version == 1 and store.product_count == len(DEMO_PRODUCTS)
+        store.close()
+        # a restart receives the retained snapshot again and installs it cleanly
+        cab.start_agent()
+        cab.wait_catalog(2, timeout=90)
+        out = cab.ctl("catalog", "--json")
+        assert json.loads(out.stdout)["products"] == 300_000 + len(DEMO_PRODUCTS)
+        assert cab.ctl("catalog", "lookup", big[123_456]["gtin"]).returncode == 0
+        assert cab.ctl("catalog", "lookup", DEMO_PRODUCTS[0]["gtin"]).returncode == 0
     finally:
         cab.stop()
