@@ -92,3 +92,37 @@ def test_restock_without_code_waits_for_a_camera_scan(tmp_path: Path) -> None:
         assert lanes["B1"]["gtin"] == product["gtin"] and lanes["B1"]["price_cents"] == 2600
     finally:
         cab.stop()
+
+
+def test_codes_scanned_during_a_session_cross_check_the_sale(tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    other_lane_product = _ean13(DEMO_PRODUCTS[2]["gtin"][1:13])   # lane B1, behind door 2
+    uncertified = _ean13("697000000009")
+    # 5 s of empty scene (start-up; the shopper opens door 1), then two codes held up in turn
+    sequence = [empty_frame((640, 480), seed=i % 3) for i in range(50)]
+    for n, spec in enumerate((other_lane_product, uncertified)):
+        sequence += [compose(spec, Degradation(module_px=3), (640, 480), seed=100 * n + i) for i in range(10)]
+        sequence += [empty_frame((640, 480), seed=i) for i in range(5)]
+    for i, img in enumerate(sequence):
+        cv2.imwrite(str(frames / f"f{i:04d}.png"), img)
+    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-XC", timings=Timings.fast(),
+                           camera_source=str(frames / "*.png"))
+    try:
+        cab.start()
+        assert cab.platform is not None and cab.lockboard is not None
+        sid = cab.authorize(1, "shopper-scan")
+        assert cab.lockboard.open_door(1)
+        cab.wait_door_seen_open(1)
+        # the uncertified code comes last: once it is reported (context session), both were seen
+        cab.platform.wait_for(lambda: bool(cab.platform.events("uncertified_scan")), 30, "uncertified_scan")
+        event = cab.platform.events("uncertified_scan")[0]
+        assert event["context"] == "session" and event["gtin"] == uncertified.gtin
+        cab.take("A1", 1)
+        cab.lockboard.close_door(1)
+        sale = cab.wait_session_end(sid)
+        assert sale["type"] == "sale"
+        assert [(i["lane"], i["qty"], i["flags"]) for i in sale["body"]["items"]] == [("A1", 1, [])]
+        assert sale["body"]["flags"] == ["scan_mismatch"]
+    finally:
+        cab.stop()
