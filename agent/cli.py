@@ -8,7 +8,7 @@ import sys
 
 from agent import __version__
 from agent.config import config_path, load_config
-from agent.errors import ConfigError, LedgerError
+from agent.errors import AgentError, ConfigError, LedgerError
 
 
 def _setup_logging(level: str) -> None:
@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     try:
         daemon = Daemon(cfg)
-    except LedgerError as exc:
+    except (LedgerError, AgentError) as exc:
         print(f"cabinet-agent: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -20,6 +20,7 @@ from agent.wire import canonical, epoch_of, verify_signed
 
 MAX_TTL_S = 300.0
 MAX_PRICE_CENTS = 2**63 - 1   # what the ledger (SQLite INTEGER) can hold
+REMEMBER_UNPARSABLE_S = 86400.0  # how long a refused id without a readable expiry counts as seen
 TYPES = ("open_door", "resend", "status", "set_lane")
 
 
@@ -31,6 +32,9 @@ class Rejected(CommandRejected):
         self.reason = reason
         self.command_id = command_id
         self.type = type_
+        # set when the platform's signature verified: such an id counts as seen even though the
+        # command was refused, so a re-signed copy with the same id is a replay
+        self.remember_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,20 @@ def validate(obj: dict[str, Any], *, key: Ed25519PublicKey, now: float, skew_s: 
         verify_signed(obj, key)
     except SignatureError as exc:
         raise Rejected(f"bad_signature: {exc}", cid, ctype) from None
+    try:
+        return _validate_signed(obj, cid, ctype, now=now, skew_s=skew_s, config=config, seen=seen)
+    except Rejected as rej:
+        if rej.command_id is not None and not rej.reason.startswith("replay"):
+            try:
+                rej.remember_until = max(epoch_of(obj["expires_at"]), now) + skew_s
+            except (KeyError, ValueError, TypeError):
+                rej.remember_until = now + REMEMBER_UNPARSABLE_S
+        raise
+
+
+def _validate_signed(obj: dict[str, Any], cid: str | None, ctype: str | None, *, now: float, skew_s: float,
+                     config: Config, seen: Callable[[str], bool]) -> Command:
+    """The checks after the signature verified."""
     if cid is None or not cid:
         raise Rejected("invalid: id is missing", None, ctype)
     if ctype is None:

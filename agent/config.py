@@ -122,6 +122,8 @@ class Config(_Section):
     scale: ScaleConfig = ScaleConfig()
     camera: CameraConfig = CameraConfig()
     session: SessionConfig = SessionConfig()
+    # operations.md: every key has a default except cabinet.id and platform.public_key; for
+    # the tables that is "none configured" (the daemon warns at start)
     doors: list[DoorConfig] = Field(default_factory=list)
     lanes: list[LaneConfig] = Field(default_factory=list)
 
@@ -154,33 +156,41 @@ def _unique(items: list[Any], section: str, field: str, what: str) -> list[str]:
     problems: list[str] = []
     first: dict[Any, int] = {}
     for i, item in enumerate(items):
-        value = getattr(item, field)
+        value = item.get(field) if isinstance(item, dict) else None
+        if value is None or not isinstance(value, (int, str)) or isinstance(value, bool):
+            continue  # missing or mistyped: pydantic reports it
         if value in first:
             problems.append(f"{section}[{i}].{field}: {what} {value} is already used by {section}[{first[value]}]")
         first.setdefault(value, i)
     return problems
 
 
-def _cross_checks(cfg: Config) -> list[str]:
-    problems = _unique(cfg.doors, "doors", "door", "door")
-    problems += _unique(cfg.doors, "doors", "lock", "lock channel")
-    door_numbers = {d.door for d in cfg.doors}
-    for i, lane in enumerate(cfg.lanes):
-        if lane.door not in door_numbers:
-            problems.append(f"lanes[{i}].door: door {lane.door} is not defined in [[doors]]")
-    problems += _unique(cfg.lanes, "lanes", "lane", "lane")
-    problems += _unique(cfg.lanes, "lanes", "channel", "scale channel")
-    if not cfg.doors:
-        problems.append("doors: at least one [[doors]] entry is required")
+def _cross_checks(data: dict[str, Any]) -> list[str]:
+    """Checks across entries, on the raw document so that they are reported together with
+    the per-key problems (one line per problem, all of them at once)."""
+    doors = data.get("doors", [])
+    lanes = data.get("lanes", [])
+    if not isinstance(doors, list) or not isinstance(lanes, list):
+        return []
+    problems = _unique(doors, "doors", "door", "door")
+    problems += _unique(doors, "doors", "lock", "lock channel")
+    door_numbers = {d.get("door") for d in doors if isinstance(d, dict)}
+    # a door without a valid number (pydantic reports it) leaves the lanes' doors undecidable
+    check_lane_doors = all(isinstance(n, int) for n in door_numbers)
+    for i, lane in enumerate(lanes if check_lane_doors else []):
+        if isinstance(lane, dict) and isinstance(lane.get("door"), int) and lane["door"] not in door_numbers:
+            problems.append(f"lanes[{i}].door: door {lane['door']} is not defined in [[doors]]")
+    problems += _unique(lanes, "lanes", "lane", "lane")
+    problems += _unique(lanes, "lanes", "channel", "scale channel")
     return problems
 
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document; ConfigError lists every problem with its key path."""
+    problems: list[str] = []
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
@@ -189,8 +199,8 @@ def parse_config(data: dict[str, Any]) -> Config:
                 msg = "required key is missing"
             msg = msg.removeprefix("Value error, ")
             problems.append(f"{_loc(err['loc'])}: {msg}")
-        raise ConfigError(problems) from None
-    problems = _cross_checks(cfg)
+        raise ConfigError(problems + _cross_checks(data)) from None
+    problems = _cross_checks(data)
     if problems:
         raise ConfigError(problems)
     return cfg

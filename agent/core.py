@@ -79,6 +79,8 @@ class Core:
         self.lockboard: Any = None     # LockboardThread
         self.catalog_worker: Any = None
         self.scan_waiters: list[Future[ScanSeen]] = []
+        self.unlock_waiters: dict[str, Future[UnlockDone]] = {}
+        self.stopping = False   # set at SIGTERM: no new sessions
         self.service_mode = self.ledger.meta("service_mode", "0") == "1"
         self.alarm_ledger_corrupt = self.ledger.rolled_back
         self.syncer = Syncer(self.ledger, self.cid, self._publish_batch, cfg.platform.max_batch,
@@ -241,11 +243,7 @@ class Core:
 
     def step(self) -> None:
         now = self.clock()
-        wall = self.wall()
-        for door, machine in self.doors.items():
-            actions = machine.step(now, wall, self.feedback[door], self.door_lanes_stable(door))
-            for action in actions:
-                self.sessions.apply(machine, action)
+        self._step_doors(now, None)   # timers only: a reading counts once, at its poll time
         self.sessions.retry_pending(now)
         self.syncer.pump(now, self.link is not None and self.link.connected)
         self.publish_status()
@@ -263,6 +261,15 @@ class Core:
     def _on_feedback(self, fb: DoorFeedback) -> None:
         for door, lock in self.lock_of.items():
             self.feedback[door] = None if fb.states is None else fb.states.get(lock)
+        self._step_doors(fb.at, self.feedback)
+
+    def _step_doors(self, at: float, readings: dict[int, bool | None] | None) -> None:
+        """Advance every door machine to ``at``, with the poll's readings when there are some."""
+        wall = self.wall()
+        for door, machine in self.doors.items():
+            reading = readings.get(door) if readings is not None else None
+            for action in machine.step(at, wall, reading, self.door_lanes_stable(door)):
+                self.sessions.apply(machine, action)
 
     def _on_scales(self, cycle: ScaleCycle) -> None:
         for ch, state in cycle.channels.items():
@@ -344,6 +351,8 @@ class Core:
             cmd = validate(obj, key=self.key, now=self.wall(), skew_s=self.cfg.platform.clock_skew_s,
                            config=self.cfg, seen=self.ledger.command_seen)
         except Rejected as rej:
+            if rej.remember_until is not None and rej.command_id is not None:
+                self.remember_id(rej.command_id, rej.remember_until)
             self.reject(rej)
             return
         log.info("command %s %s accepted", cmd.type, cmd.id)
@@ -371,12 +380,17 @@ class Core:
 
     def remember(self, cmd: Command) -> bool:
         """Persist the command id (replay protection across restarts); False if the ledger failed."""
+        if self.remember_id(cmd.id, self.seen_until(cmd)):
+            return True
+        self.reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
+        return False
+
+    def remember_id(self, command_id: str, until: float) -> bool:
         try:
             with self.ledger.transaction() as tx:
-                tx.remember_command(cmd.id, self.seen_until(cmd))
+                tx.remember_command(command_id, until)
         except Exception as exc:  # noqa: BLE001
             self.ledger_failed(exc)
-            self.reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
             return False
         return True
 
@@ -385,7 +399,9 @@ class Core:
 
     def reject(self, rej: Rejected) -> None:
         log.warning("command %s (%s) rejected: %s", rej.command_id, rej.type, rej.reason)
-        self.record_event("command_rejected", command_id=rej.command_id, type=rej.type, reason=rej.reason)
+        # what an unauthenticated sender chose is clipped, so that no record outgrows a batch
+        self.record_event("command_rejected", command_id=_clip(rej.command_id), type=_clip(rej.type),
+                          reason=_clip(rej.reason, 500))
         if rej.command_id is not None:
             self.reply(rej.command_id, False, error=rej.reason)
 
@@ -429,9 +445,11 @@ class Core:
 
     # -- camera scans -----------------------------------------------------------------------------------
     def _on_scan(self, scan: ScanSeen) -> None:
+        consumed = False
         for fut in self.scan_waiters:
             if not fut.done():
                 fut.set_result(scan)
+                consumed = True
         self.scan_waiters.clear()
         at = self.now_dt()
         active = [m.session for m in self.doors.values() if m.session is not None and m.session.phase is Phase.OPEN]
@@ -441,8 +459,8 @@ class Core:
                     s.scans.append(scan.gtin)
                     self.journal(s.session_id, scans=s.scans)
         context = "session" if active else ("restock" if self.service_mode else "idle")
-        if context == "restock":
-            return  # restock scans are judged by the restock command itself
+        if consumed:
+            return  # a waiting `cabinetctl restock` judges (and records) this scan itself
         gtin, bad = classify(scan.text, scan.symbology)
         if gtin is None and bad is None:
             return  # not a product code at all (a lot number, a URL, ...)
@@ -526,3 +544,7 @@ class Core:
                 pass
 
 
+def _clip(text: str | None, limit: int = 200) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + "..."

@@ -248,8 +248,11 @@ class Ctl:
             bad, why = led.verify()
         finally:
             led.close()
+        if a.json:
+            _dump({"ok": bad is None, "bad_seq": bad, "detail": why})
         if bad is None:
-            print(f"ledger ok: {why}")
+            if not a.json:
+                print(f"ledger ok: {why}")
             return 0
         print(f"ledger broken at seq {bad}: {why}", file=sys.stderr)
         return EXIT_FAILED
@@ -277,6 +280,8 @@ class Ctl:
 
 
 def _parse_since(text: str, tz: str) -> str:
+    if len(text) > 10 and text[10] == " ":
+        text = text[:10] + "T" + text[11:]   # RFC 3339 allows a space between date and time
     try:
         if "T" in text or "t" in text:
             when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
@@ -346,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sync", help="resend unacknowledged records")
     s.add_argument("--wait", action="store_true", help="block until every record is acknowledged")
     s.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds")
-    sub.add_parser("verify", help="recompute the ledger's hash chain")
+    s = sub.add_parser("verify", help="recompute the ledger's hash chain")
+    s.add_argument("--json", action="store_true")
     s = sub.add_parser("export", help="write unsynced records as JSON lines")
     s.add_argument("--out", required=True)
     return p

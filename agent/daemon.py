@@ -12,18 +12,21 @@ Threads and what each owns:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from agent.catalog_worker import CatalogWorker
 from agent.config import Config
 from agent.control import ControlServer
 from agent.core import Core
+from agent.errors import AgentError
 from agent.hardware import DeviceFault, DeviceRecovered, LockboardThread, ScaleThread
 from agent.messages import ScanSeen
 from agent.mqtt_link import MqttLink
@@ -47,14 +50,38 @@ def sd_notify(state: str) -> None:
         log.debug("sd_notify failed: %s", exc)
 
 
+class AlreadyRunning(AgentError):
+    """Another daemon holds this data_dir."""
+
+
+def instance_lock(path: Path) -> TextIO:
+    """An exclusive lock held for the daemon's lifetime: two daemons on one ledger would
+    write the same seq, fight over the serial ports and kick each other off the broker."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise AlreadyRunning(f"another cabinet-agent is already running on {path.parent} (lock {path})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self._lock = instance_lock(cfg.data_dir / "agent.lock")
         self.core = Core(cfg)
         self.threads: list[Any] = []
 
     def start(self) -> None:
         cfg, core = self.cfg, self.core
+        if not cfg.doors:
+            log.warning("no [[doors]] configured: this cabinet cannot run shopping sessions")
         core.start()
         core.catalog_worker = CatalogWorker(core.catalog, core.post)
         core.catalog_worker.start()
@@ -110,15 +137,16 @@ class Daemon:
         return 0
 
     def shutdown(self, core_thread: threading.Thread) -> None:
-        """Stop the producers first, then the core (it flushes and closes the ledger), then say
-        goodbye on MQTT with the offline status."""
+        """Refuse new sessions, let a session whose door is shut record its sale, say goodbye
+        on MQTT (commands not yet received stay queued in our broker session for the next
+        start), stop the devices, then the core (it flushes and closes the ledger)."""
         core = self.core
+        core.stopping = True
         self.control.stop()
-        # Bookkeeping of a session whose door is already shut: let it settle and record its
-        # sale before the devices stop (an open door's session stays journaled and resumes).
         deadline = time.monotonic() + self.cfg.scale.settle_s + 3.0
         while core_thread.is_alive() and core.settling() and time.monotonic() < deadline:
             time.sleep(0.05)
+        core.link.stop(last_words=(core.topic("status"), core.offline_status()))
         if self.camera is not None:
             self.camera.stop()
         core.lockboard.stop()
@@ -126,5 +154,4 @@ class Daemon:
         core.catalog_worker.stop()
         core.stop()
         core_thread.join(10)
-        core.link.stop(last_words=(core.topic("status"), core.offline_status()))
         log.info("stopped")

@@ -29,6 +29,7 @@ class Timing:
     open_timeout_s: float = 30.0
     door_open_alarm_s: float = 120.0
     settle_s: float = 1.5
+    give_up_s: float = 30.0   # past settle_s, stop waiting for stable lanes (a faulted or shaking scale)
 
     @property
     def ambiguous_s(self) -> float:
@@ -205,8 +206,14 @@ class DoorMachine:
             s.phase = Phase.TIMED_OUT
             s.settle_from = now
         if s.phase in (Phase.SETTLING, Phase.TIMED_OUT) and s.settle_from is not None:
-            if lanes_stable and now - s.settle_from >= self.timing.settle_s:
-                actions.append(Settle(s.session_id, timed_out=s.phase is Phase.TIMED_OUT))
+            waited = now - s.settle_from
+            timed_out = s.phase is Phase.TIMED_OUT
+            if lanes_stable and waited >= self.timing.settle_s:
+                actions.append(Settle(s.session_id, timed_out=timed_out))
+            elif waited >= self.timing.settle_s + self.timing.give_up_s:
+                # Never hang a door on a scale: a session that timed out ends unweighed; a shut
+                # door's session is weighed with the readings there are.
+                actions.append(Settle(s.session_id, timed_out=timed_out, weigh=not timed_out))
 
 
 def resume_phase(opened_at: float | None, closed_at: float | None) -> Phase:

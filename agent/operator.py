@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -26,6 +27,7 @@ from agent.messages import ScanSeen
 log = logging.getLogger(__name__)
 
 SCAN_WAIT_S = 30.0
+UNLOCK_CONFIRM_S = 5.0
 
 
 class Operator:
@@ -129,16 +131,28 @@ class Operator:
         if not isinstance(door, int) or door not in core.doors:
             raise ControlFailure(f"unknown door {door!r} (doors: {', '.join(map(str, core.doors))})", 2)
 
-        def apply() -> dict[str, Any]:
+        token = f"service-{uuid.uuid4()}"
+        done: Future[Any] = Future()
+
+        def apply() -> None:
             self._require_service()
             if core.lockboard is None:
                 raise ControlFailure("no lock board")
+            if "lock_fault" in core.faults:
+                raise ControlFailure("the lock board is not answering (lock_fault)")
             core.record_event("service_unlock", door=door, operator=user)
             core.doors[door].service_unlock(core.clock())
-            core.lockboard.unlock(core.lock_of[door], "service")
-            return {"door": door, "unlocked": True}
+            core.unlock_waiters[token] = done
+            core.lockboard.unlock(core.lock_of[door], token)
 
-        return self._on_core(apply)
+        self._on_core(apply)
+        try:
+            result = done.result(timeout=UNLOCK_CONFIRM_S)
+        except FutureTimeout:
+            raise ControlFailure(f"the unlock of door {door} was not confirmed within {UNLOCK_CONFIRM_S:.0f} s") from None
+        if not result.ok:
+            raise ControlFailure(f"the unlock of door {door} was not confirmed: {result.detail}")
+        return {"door": door, "unlocked": True}
 
     def restock(self, args: dict[str, Any], user: str, progress: Callable[[Any], None], **_: Any) -> dict[str, Any]:
         lane = self._lane_arg(args)
@@ -152,7 +166,8 @@ class Operator:
             raise ControlFailure(f"--price must be a whole number of cents from 0 to {MAX_PRICE_CENTS}", 2)
         core = self.core
         self._on_core(self._require_service)
-        symbology = None
+        symbology: str | None = None
+        lookup_code = code
         if not code:
             wait_s = float(args.get("wait_s") or SCAN_WAIT_S)
             progress({"waiting_for_scan": wait_s})
@@ -162,13 +177,16 @@ class Operator:
                 scan = fut.result(timeout=wait_s)
             except FutureTimeout:
                 raise ControlFailure(f"no product code scanned within {wait_s:.0f} s") from None
-            code, symbology = scan.gtin or scan.text, scan.symbology
+            # the event names the code as read; the lookup uses the GTIN the pipeline extracted
+            # (a GS1 QR's text is not a GTIN; a UPC-E's GTIN-14 is no longer UPC-E)
+            code, symbology = scan.text, scan.symbology
+            lookup_code = scan.gtin or scan.text
             progress({"scanned": code})
 
         def apply() -> dict[str, Any]:
             self._require_service()
             at = core.now_dt()
-            look = core.catalog.lookup(code, at, symbology)
+            look = core.catalog.lookup(lookup_code, at, None if lookup_code != code else symbology)
             if not look.certified:
                 core.record_event("uncertified_scan", code=code, gtin=look.gtin, symbology=symbology,
                                   context="restock", reason=look.reason)

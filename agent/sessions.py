@@ -63,6 +63,8 @@ class SessionRunner:
         self._start_session(cmd)
 
     def _check_can_open(self, cmd: Command, door: int) -> None:
+        if self.core.stopping:
+            raise Rejected("not_allowed: the agent is shutting down", cmd.id, cmd.type)
         if self.core.service_mode:
             raise Rejected("not_allowed: the cabinet is in service mode", cmd.id, cmd.type)
         if self.core.doors[door].busy:
@@ -118,6 +120,9 @@ class SessionRunner:
         self.core.publish_status()
 
     def on_unlock_done(self, done: UnlockDone) -> None:
+        waiter = self.core.unlock_waiters.pop(done.token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(done)   # a service unlock's cabinetctl is waiting for it
         door = next((d for d, lock in self.core.lock_of.items() if lock == done.lock), None)
         if door is None:
             return

@@ -443,3 +443,23 @@ def test_settle_never_before_settle_s_after_close_nor_on_unstable_lanes(
             assert settles == [Settle(SID, timed_out=False)]
             got_first = t if got_first is None else got_first
     assert got_first == expected_first
+
+
+def test_unstable_lanes_do_not_hang_a_session_forever() -> None:
+    m = machine()
+    opened_session(m)
+    assert step(m, 3.0, False) == [Closed(SID, wall(3.0))]
+    give_up = m.timing.settle_s + m.timing.give_up_s
+    assert poll(m, 3.25, 3.0 + give_up - 0.25, False, stable=False) == []
+    assert step(m, 3.0 + give_up, False, stable=False) == [Settle(SID, timed_out=False, weigh=True)]
+
+
+def test_a_timed_out_session_with_unstable_lanes_ends_unweighed() -> None:
+    m = machine()
+    m.begin(session(unlock_at=0.0))
+    poll(m, 0.0, 30.25, False, stable=False)
+    assert m.session.phase is Phase.TIMED_OUT
+    start = m.session.settle_from
+    give_up = m.timing.settle_s + m.timing.give_up_s
+    assert poll(m, 30.5, start + give_up - 0.25, False, stable=False) == []
+    assert step(m, start + give_up, False, stable=False) == [Settle(SID, timed_out=True, weigh=False)]
