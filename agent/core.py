@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05
 SEEN_PURGE_S = 3600.0
 CLOCK_JUMP_S = 60.0
+IDLE_REPORT_EVERY_S = 3600.0   # an uncertified code shown to an idle cabinet is reported once an hour
 
 
 @dataclass
@@ -90,7 +91,6 @@ class Core:
         self._clock_offset = self.wall() - self.clock()
         self._stopping = threading.Event()
         self.ledger_ok = True
-        self._idle_reported: dict[str, float] = {}
         self._stale_reported: set[int | None] = set()
         self.reporter = StatusReporter(self)
         self.sessions = SessionRunner(self)
@@ -471,11 +471,10 @@ class Core:
                 return
             reason = look.reason
         if context == "idle":
-            key = f"idle_scan:{scan.gtin or scan.text}"
-            last = self._idle_reported.get(key)
-            if last is not None and self.clock() - last < 3600:
+            # at most once per code per hour, also across restarts (kept beside the ledger)
+            key = gtin or scan.text
+            if not self.ledger.idle_report_due(key, self.wall(), IDLE_REPORT_EVERY_S):
                 return
-            self._idle_reported[key] = self.clock()
         self.record_event("uncertified_scan", code=scan.text, gtin=gtin, symbology=scan.symbology,
                           context=context, reason=reason)
 
@@ -520,7 +519,6 @@ class Core:
         if abs(offset - self._clock_offset) > CLOCK_JUMP_S:
             self.record_event("clock_jump", delta_s=round(offset - self._clock_offset, 3))
         self._clock_offset = offset
-        self._idle_reported = {k: t for k, t in self._idle_reported.items() if now - t < 3600}
         try:
             with self.ledger.transaction() as tx:
                 tx.forget_commands_before(self.wall())

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     ended_at     REAL
 );
 CREATE INDEX IF NOT EXISTS sessions_active ON sessions(state) WHERE state != 'ended';
+CREATE TABLE IF NOT EXISTS idle_reports (code TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS seen_commands (id TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS lanes (
     lane        TEXT PRIMARY KEY,
@@ -332,6 +333,16 @@ class Ledger:
             item["scans"] = json.loads(item["scans"])
             out.append(item)
         return out
+
+    def idle_report_due(self, code: str, now: float, every_s: float) -> bool:
+        """True (and remembered) when ``code`` was not reported in the last ``every_s`` seconds."""
+        row = self.execute("SELECT at FROM idle_reports WHERE code = ?", (code,)).fetchone()
+        if row is not None and 0 <= now - row[0] < every_s:
+            return False
+        with self.transaction():
+            self._conn.execute("DELETE FROM idle_reports WHERE at < ?", (now - every_s,))
+            self._conn.execute("INSERT OR REPLACE INTO idle_reports(code, at) VALUES (?, ?)", (code, now))
+        return True
 
     def command_seen(self, command_id: str) -> bool:
         return self.execute("SELECT 1 FROM seen_commands WHERE id = ?", (command_id,)).fetchone() is not None

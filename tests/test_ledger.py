@@ -478,3 +478,16 @@ def test_seen_commands(path: Path) -> None:
     assert led.command_seen("c3")  # expires exactly at the cutoff: kept
     assert led.command_seen("c2")
     led.close()
+
+
+def test_idle_reports_are_due_once_per_period_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    led = Ledger(path)
+    assert led.idle_report_due("06901234560015", 1000.0, 3600.0) is True
+    assert led.idle_report_due("06901234560015", 1000.0 + 3599.0, 3600.0) is False
+    assert led.idle_report_due("06971234500014", 1500.0, 3600.0) is True   # another code
+    led.close()
+    led = Ledger(path)                                                     # a restart keeps them
+    assert led.idle_report_due("06901234560015", 2000.0, 3600.0) is False
+    assert led.idle_report_due("06901234560015", 1000.0 + 3600.0, 3600.0) is True
+    led.close()
