@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.simcabinet import SimulatedCabinet, Timings
+from helpers import wait_until
 from drivers.lockboard.codec import UnlockRequest
 
 pytestmark = pytest.mark.timeout(180)
@@ -80,9 +81,6 @@ def test_twenty_sessions_through_mqtt(cabinet: SimulatedCabinet) -> None:
         out = cab.ctl("status", "--json")
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)["unsynced"]
-
-    cab.platform.wait_for(lambda: True, 0.1, "tick")
-    from helpers import wait_until
 
     wait_until(lambda: unsynced() == 0, 15, "cabinetctl status shows 0 unsynced")
     status = json.loads(cab.ctl("status", "--json").stdout)
