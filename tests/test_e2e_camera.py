@@ -20,6 +20,14 @@ from drivers.camera.synth import CodeSpec, Degradation, compose, empty_frame
 pytestmark = pytest.mark.timeout(120)
 
 
+def _write(folder: Path, frames: list) -> str:
+    """The frames as PNG files played in name order by the glob camera source; returns the glob."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(frames):
+        cv2.imwrite(str(folder / f"f{i:04d}.png"), img)
+    return str(folder / "*.png")
+
+
 def _ean13(body12: str) -> CodeSpec:
     full = with_check_digit(body12)
     return CodeSpec("ean13", body12, sym.EAN13, full, full.zfill(14))
@@ -27,7 +35,6 @@ def _ean13(body12: str) -> CodeSpec:
 
 def test_glob_camera_reports_uncertified_scan_once(tmp_path: Path) -> None:
     frames = tmp_path / "frames"
-    frames.mkdir()
     first, second, third = _ean13("697000000001"), _ean13("697000000002"), _ean13("697000000003")
     certified = _ean13(DEMO_PRODUCTS[0]["gtin"][1:13])
 
@@ -39,8 +46,7 @@ def test_glob_camera_reports_uncertified_scan_once(tmp_path: Path) -> None:
     # 2 s of empty scene first: the catalog installs meanwhile
     sequence = [empty_frame((640, 480), seed=i) for i in range(20)]
     sequence += held(first, 100) + held(certified, 200) + held(second, 300) + held(first, 400) + held(third, 500)
-    for i, img in enumerate(sequence):
-        cv2.imwrite(str(frames / f"f{i:04d}.png"), img)
+    _write(frames, sequence)
 
     cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-CAM", timings=Timings.fast(),
                            camera_source=str(frames / "*.png"))
@@ -63,14 +69,12 @@ def test_glob_camera_reports_uncertified_scan_once(tmp_path: Path) -> None:
 
 def test_restock_without_code_waits_for_a_camera_scan(tmp_path: Path) -> None:
     frames = tmp_path / "frames"
-    frames.mkdir()
     product = DEMO_PRODUCTS[2]
     spec = _ean13(product["gtin"][1:13])
     # 6 s of empty scene (start-up, service mode, the restock command), then the product held up
     sequence = [empty_frame((640, 480), seed=i % 3) for i in range(60)]
     sequence += [compose(spec, Degradation(module_px=3), (640, 480), seed=i) for i in range(10)]
-    for i, img in enumerate(sequence):
-        cv2.imwrite(str(frames / f"f{i:04d}.png"), img)
+    _write(frames, sequence)
     cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-RS", timings=Timings.fast(),
                            camera_source=str(frames / "*.png"))
     try:
@@ -96,7 +100,6 @@ def test_restock_without_code_waits_for_a_camera_scan(tmp_path: Path) -> None:
 
 def test_codes_scanned_during_a_session_cross_check_the_sale(tmp_path: Path) -> None:
     frames = tmp_path / "frames"
-    frames.mkdir()
     other_lane_product = _ean13(DEMO_PRODUCTS[2]["gtin"][1:13])   # lane B1, behind door 2
     uncertified = _ean13("697000000009")
     # 5 s of empty scene (start-up; the shopper opens door 1), then two codes held up in turn
@@ -104,8 +107,7 @@ def test_codes_scanned_during_a_session_cross_check_the_sale(tmp_path: Path) -> 
     for n, spec in enumerate((other_lane_product, uncertified)):
         sequence += [compose(spec, Degradation(module_px=3), (640, 480), seed=100 * n + i) for i in range(10)]
         sequence += [empty_frame((640, 480), seed=i) for i in range(5)]
-    for i, img in enumerate(sequence):
-        cv2.imwrite(str(frames / f"f{i:04d}.png"), img)
+    _write(frames, sequence)
     cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-XC", timings=Timings.fast(),
                            camera_source=str(frames / "*.png"))
     try:
