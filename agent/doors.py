@@ -185,7 +185,8 @@ class DoorMachine:
         if self.left_open_alarm:
             self.left_open_alarm = False
             actions.append(LeftOpenCleared(self.door))
-        if self._service_opened:
+        if self.service_allowed and (self._service_opened or not self._in_pulse(now)):
+            # the operator's door is shut again, or was never pulled open while released
             self.service_allowed = False
             self._service_opened = False
         s = self.session
@@ -196,9 +197,6 @@ class DoorMachine:
             actions.append(Closed(s.session_id, wall))
 
     def _timers(self, now: float, wall: float, lanes_stable: bool, actions: list[Action]) -> None:
-        if self.service_allowed and not self._service_opened and not self._in_pulse(now):
-            # the operator did not pull the door open while the latch was released
-            self.service_allowed = False
         s = self.session
         if s is None:
             return

@@ -463,3 +463,16 @@ def test_a_timed_out_session_with_unstable_lanes_ends_unweighed() -> None:
     give_up = m.timing.settle_s + m.timing.give_up_s
     assert poll(m, 30.5, start + give_up - 0.25, False, stable=False) == []
     assert step(m, start + give_up, False, stable=False) == [Settle(SID, timed_out=True, weigh=False)]
+
+
+def test_service_unlock_survives_ticks_between_polls() -> None:
+    """Timer-only steps (no reading) after the latch window must not withdraw the service
+    allowance before a poll has seen whether the operator opened the door."""
+    m = machine()
+    m.service_unlock(0.0)
+    for t in (0.25, 0.5, 0.75, 1.0, 1.05, 1.1):
+        assert step(m, t, None) == []
+    assert step(m, 1.15, True) == []          # the first poll after the window sees it open
+    assert m.service_allowed
+    assert step(m, 3.0, False) == []          # shut again: the allowance ends
+    assert step(m, 3.5, True) == [DoorForced(1)]
