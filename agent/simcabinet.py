@@ -111,6 +111,14 @@ class SimulatedCabinet:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, *, assign_lanes: bool = True, publish_catalog: bool = True) -> "SimulatedCabinet":
+        """Start everything; on any failure stop what was started (no broker or agent left behind)."""
+        try:
+            return self._start(assign_lanes, publish_catalog)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, assign_lanes: bool, publish_catalog: bool) -> "SimulatedCabinet":
         self.broker = PrivateBroker(log_dir=self.workdir)
         self.lockboard = LockBoardSimulator(address=1, latch_release_s=self.timings.latch_release_s,
                                             on_unlock=self.on_unlock)
@@ -207,15 +215,14 @@ class SimulatedCabinet:
         return rc
 
     def stop(self) -> None:
+        """Stop whatever runs (idempotent); the parts stay readable for post-mortems."""
         self.stop_agent()
-        for part in (self.platform, self.lockboard, self.scales):
+        for part in (self.platform, self.lockboard, self.scales, self.broker):
             if part is not None:
                 try:
                     part.stop()
                 except Exception:  # noqa: BLE001 - best effort teardown
                     log.exception("stopping %r", part)
-        if self.broker is not None:
-            self.broker.stop()
 
     def __enter__(self) -> "SimulatedCabinet":
         return self.start()
