@@ -23,7 +23,7 @@ from agent.config import Config, config_path, load_config
 from agent.control import request
 from agent.errors import ConfigError, LedgerError
 from agent.ledger import Ledger
-from agent.wire import format_ts
+from agent.wire import format_ts, parse_ts
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -77,7 +77,7 @@ class Ctl:
         age = ""
         if st.get("catalog_issued_at"):
             try:
-                issued = dt.datetime.fromisoformat(st["catalog_issued_at"].replace("Z", "+00:00"))
+                issued = parse_ts(st["catalog_issued_at"])
                 age = f", issued {(dt.datetime.now(dt.timezone.utc) - issued).days} days ago"
             except ValueError:
                 pass
@@ -284,9 +284,7 @@ def _parse_since(text: str, tz: str) -> str:
         text = text[:10] + "T" + text[11:]   # RFC 3339 allows a space between date and time
     try:
         if "T" in text or "t" in text:
-            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-            if when.tzinfo is None:
-                raise ValueError
+            when = parse_ts(text)   # RFC 3339; a time without a zone is refused
         else:
             day = dt.date.fromisoformat(text)
             when = dt.datetime.combine(day, dt.time(0), zoneinfo.ZoneInfo(tz))

@@ -8,6 +8,7 @@ read from SQLite when it is sent, so a backlog of weeks is streamed, never loade
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -26,7 +27,7 @@ class Syncer:
         self.max_batch = max_batch
         self.ack_timeout_s = ack_timeout_s
         self.window = max(window, max_batch)
-        self._head = f'{{"cabinet":{_json_str(cabinet_id)},"records":['.encode()
+        self._head = f'{{"cabinet":{json.dumps(cabinet_id, ensure_ascii=False)},"records":['.encode()
         self._record_budget = MAX_BATCH_BYTES - len(self._head) - 2
         self.sent_upto = ledger.acked_upto
         self.last_progress = 0.0
@@ -78,9 +79,3 @@ class Syncer:
             self.batches_sent += 1
             sent += len(records)
         return sent
-
-
-def _json_str(text: str) -> str:
-    import json
-
-    return json.dumps(text, ensure_ascii=False)
