@@ -14,9 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agent.errors import SignatureError
 
 
+# json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) with the encoder
+# built once: json.dumps builds one per call, a third of the cost of hashing a record.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(obj: Any) -> bytes:
     """The exact bytes hashed and signed everywhere (mqtt.md, Conventions)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(obj).encode("utf-8")
 
 
 def format_ts(when: dt.datetime) -> str:
