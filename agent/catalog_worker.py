@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agent.catalog import CatalogStore
+from agent.store.catalog import CatalogStore
 from agent.errors import CatalogError
-from agent.messages import CatalogOutcome
+from agent.events import CatalogOutcome
 
 log = logging.getLogger(__name__)
 

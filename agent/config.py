@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import ConfigError
-from agent.wire import load_public_key
+from agent.protocol import load_public_key
 
 DEFAULT_PATH = "/etc/cabinet-agent/agent.toml"
 CABINET_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -21,20 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.catalog import CatalogStore
-from agent.commands import Command, Rejected, parse_payload, validate
+from agent.store.catalog import CatalogStore
+from agent.rules.commands import Command, Rejected, parse_payload, validate
 from agent.config import Config
-from agent.doors import (ActiveSession, DoorMachine, Phase,
+from agent.rules.doors import (ActiveSession, DoorMachine, Phase,
                          Timing, resume_phase)
-from agent.hardware import DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
-from agent.ledger import Ledger
-from agent.messages import CatalogOutcome, ControlCall, ScanSeen
+from agent.devices import DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
+from agent.store.ledger import Ledger
+from agent.events import CatalogOutcome, ControlCall, ScanSeen
 from agent.mqtt_link import Inbound, LinkDown, LinkUp, PublishFailed
-from agent.product_code import classify
+from drivers.gs1 import classify
 from agent.sessions import SessionRunner, product_dict
 from agent.status import StatusReporter
 from agent.sync import Syncer
-from agent.wire import canonical, format_ts, load_public_key, ts_from_epoch
+from agent.protocol import canonical, format_ts, load_public_key, ts_from_epoch
 
 log = logging.getLogger(__name__)
 

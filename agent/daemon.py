@@ -2,8 +2,8 @@
 
 Threads and what each owns:
   core        the ledger, the sessions, the cabinet state (agent.core)
-  lockboard   the lock board's serial port (agent.hardware)
-  scales      the scale bus's serial port (agent.hardware)
+  lockboard   the lock board's serial port (agent.devices)
+  scales      the scale bus's serial port (agent.devices)
   camera      the camera (drivers.camera.scanner)
   mqtt        the paho client and its socket (agent.mqtt_link)
   catalog     catalog installs (agent.catalog_worker)
@@ -27,10 +27,10 @@ from agent.config import Config
 from agent.control import ControlServer
 from agent.core import Core
 from agent.errors import AgentError
-from agent.hardware import DeviceFault, DeviceRecovered, LockboardThread, ScaleThread
-from agent.messages import ScanSeen
+from agent.devices import DeviceFault, DeviceRecovered, LockboardThread, ScaleThread
+from agent.events import ScanSeen
 from agent.mqtt_link import MqttLink
-from agent.operator import Operator
+from agent.control_handlers import Operator
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,10 @@
 """Typed exceptions of the agent layer (drivers have their own in drivers.errors)."""
 
+from drivers.errors import GtinError
+
+__all__ = ["AgentError", "CatalogError", "CommandRejected", "ConfigError", "GtinError", "LedgerError",
+           "SignatureError"]
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
@@ -32,7 +37,3 @@ class CatalogError(AgentError):
 
 class CommandRejected(AgentError):
     """A platform command was refused; the message is the reply's error text."""
-
-
-class GtinError(AgentError):
-    """A code is not a valid GTIN (wrong length, not digits, bad check digit)."""

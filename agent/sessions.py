@@ -2,7 +2,7 @@
 ``open_door``, the unlock, what the door machines decide, and settling into a sale.
 
 Part of the core: it runs only on the core thread and writes the ledger through it; the
-decisions themselves are agent.doors (state machine) and agent.reconcile (weights -> items).
+decisions themselves are agent.rules.doors (state machine) and agent.rules.reconcile (weights -> items).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.commands import Command, Rejected
-from agent.doors import (ActiveSession, Closed, DoorForced, DoorMachine, LeftOpen, LeftOpenCleared, Opened,
+from agent.rules.commands import Command, Rejected
+from agent.rules.doors import (ActiveSession, Closed, DoorForced, DoorMachine, LeftOpen, LeftOpenCleared, Opened,
                          Reopened, Settle)
-from agent.hardware import UnlockDone
-from agent.reconcile import LaneChange, reconcile
+from agent.devices import UnlockDone
+from agent.rules.reconcile import LaneChange, reconcile
 
 if TYPE_CHECKING:
     from agent.core import Core

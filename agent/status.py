@@ -11,7 +11,7 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.wire import canonical, epoch_of
+from agent.protocol import canonical, epoch_of
 
 if TYPE_CHECKING:
     from agent.core import Core

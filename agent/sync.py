@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from agent.ledger import Ledger
+from agent.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
 

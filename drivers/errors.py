@@ -19,3 +19,7 @@ class FrameError(DriverError):
 
 class DeviceError(DriverError):
     """The device answered, but with an error (e.g. a Modbus exception reply)."""
+
+
+class GtinError(DriverError, ValueError):
+    """A code is not a valid GTIN (wrong length, not digits, bad check digit)."""

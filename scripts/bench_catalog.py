@@ -42,9 +42,9 @@ if str(ROOT) not in sys.path:
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from agent.catalog_doc import canonical_text  # noqa: E402
-from agent.gtin import with_check_digit  # noqa: E402
-from agent.wire import public_key_b64  # noqa: E402
+from agent.store.catalog_doc import canonical_text  # noqa: E402
+from drivers.gs1 import with_check_digit  # noqa: E402
+from agent.protocol import public_key_b64  # noqa: E402
 
 GOAL_INSTALL_S = 30.0
 GOAL_RSS_MB = 300.0
@@ -137,8 +137,8 @@ def child_install(doc: str, db: str, pubkey: str) -> None:
     """Run in a fresh interpreter: install and print one JSON line with the figures."""
     import logging
 
-    from agent.catalog import CatalogStore
-    from agent.wire import load_public_key
+    from agent.store.catalog import CatalogStore
+    from agent.protocol import load_public_key
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="  child: %(message)s")
     store = CatalogStore(Path(db), load_public_key(pubkey))
@@ -160,8 +160,8 @@ def run_install(doc: Path, db: Path, pubkey: str) -> dict[str, float]:
 
 
 def bench_lookups(db: Path, pubkey: str, n_products: int, count: int) -> list[float]:
-    from agent.catalog import CatalogStore
-    from agent.wire import load_public_key
+    from agent.store.catalog import CatalogStore
+    from agent.protocol import load_public_key
 
     store = CatalogStore(db, load_public_key(pubkey))
     rnd = random.Random(7)

@@ -25,9 +25,9 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.simcabinet import SimulatedCabinet, Timings  # noqa: E402
+from agent.sim.cabinet import SimulatedCabinet, Timings  # noqa: E402
 from agent.mqtt_link import set_no_delay  # noqa: E402
-from agent.wire import canonical, verify_signed  # noqa: E402
+from agent.protocol import canonical, verify_signed  # noqa: E402
 from drivers.lockboard.codec import UnlockRequest  # noqa: E402
 
 FRAME_S = 5 * 10 / 9600

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from agent.product_code import classify
+from drivers.gs1 import classify
 from drivers.camera import symbology as sym
 
 log = logging.getLogger(__name__)

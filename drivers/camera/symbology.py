@@ -13,7 +13,7 @@ Retail codes are canonicalised so both decoders report the same symbol the same 
 
 from __future__ import annotations
 
-from agent.gtin import InvalidGtin, expand_upce
+from drivers.gs1 import InvalidGtin, expand_upce
 
 EAN13 = "EAN-13"
 EAN8 = "EAN-8"

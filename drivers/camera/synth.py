@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from agent.gtin import with_check_digit
-from agent.product_code import product_gtin
+from drivers.gs1 import product_gtin, with_check_digit
 from drivers.camera import symbology as sym
 
 RENDER_MODULE_PX = 4  # encoders render at 4 px per module; the frame warp scales from there

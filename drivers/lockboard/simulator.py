@@ -23,7 +23,7 @@ import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drivers.ptylink import pty_symlink
+from drivers.ptydevice import pty_symlink
 from drivers.errors import FrameError
 from drivers.lockboard.codec import (
     CMD_QUERY,

@@ -35,7 +35,7 @@ import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drivers.ptylink import pty_symlink
+from drivers.ptydevice import pty_symlink
 from drivers.scales.codec import (
     EXCEPTION_FLAG,
     FUNC_READ_HOLDING,

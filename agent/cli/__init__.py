@@ -1,0 +1,1 @@
+"""What people type: cabinet-agent, cabinetctl, decode."""

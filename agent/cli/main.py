@@ -1,0 +1,92 @@
+"""``cabinet-agent``: run the daemon, check a config, decode images, or run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agent import __version__
+from agent.config import config_path, load_config
+from agent.errors import AgentError, ConfigError, LedgerError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import Daemon
+
+    _setup_logging(args.log_level)
+    try:
+        cfg = load_config(config_path(args.config))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    try:
+        daemon = Daemon(cfg)
+    except (LedgerError, AgentError) as exc:
+        print(f"cabinet-agent: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cabinet-agent: cannot use {cfg.cabinet.data_dir}: {exc}", file=sys.stderr)
+        return 1
+    return daemon.run_forever()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from agent.cli.decode import run
+
+    return run(args.images, args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.sim.demo import run_demo
+
+    return run_demo(sessions=args.sessions, speed=args.speed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cabinet-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cabinet-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the daemon")
+    p.add_argument("--config", help="config file (default $CABINET_AGENT_CONFIG or /etc/cabinet-agent/agent.toml)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("decode", help="run the barcode pipeline on image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_decode)
+    p = sub.add_parser("demo", help="a simulated cabinet, broker and platform running shopping sessions")
+    p.add_argument("--sessions", type=int, default=8, help="how many shopping sessions to run (0 = until Ctrl-C)")
+    p.add_argument("--speed", type=float, default=1.0, help="pace of the simulated shoppers (2 = twice as fast)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The operator's commands behind the control socket (operations.md, cabinetctl).
+
+Each handler runs in the control connection's thread; whatever touches the cabinet's state
+runs on the core thread through ``core.call``; waiting (for a scan, for an install) happens
+here, never on the core thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from agent.rules.commands import MAX_PRICE_CENTS
+from agent.control import ControlFailure
+from agent.core import Core
+from agent.errors import CatalogError
+from agent.events import ScanSeen
+
+log = logging.getLogger(__name__)
+
+SCAN_WAIT_S = 30.0
+UNLOCK_CONFIRM_S = 5.0
+
+
+class Operator:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def handle(self, cmd: str, args: dict[str, Any], fds: list[int], user: str,
+               progress: Callable[[Any], None]) -> Any:
+        handlers: dict[str, Callable[..., Any]] = {
+            "status": self.status, "lanes": self.lanes, "service": self.service, "unlock": self.unlock,
+            "restock": self.restock, "price": self.price, "tare": self.tare, "calibrate": self.calibrate,
+            "catalog": self.catalog_info, "catalog_lookup": self.catalog_lookup,
+            "catalog_install": self.catalog_install, "sync": self.sync,
+        }
+        fn = handlers.get(cmd)
+        if fn is None:
+            raise ControlFailure(f"unknown command {cmd!r}", 2)
+        return fn(args=args, fds=fds, user=user, progress=progress)
+
+    def _on_core(self, fn: Callable[[], Any]) -> Any:
+        return self.core.call(fn)
+
+    def _lane_arg(self, args: dict[str, Any]) -> str:
+        lane = args.get("lane")
+        if not isinstance(lane, str) or lane not in self.core.lanes:
+            raise ControlFailure(f"unknown lane {lane!r} (lanes: {', '.join(self.core.lanes)})", 2)
+        return lane
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def status(self, **_: Any) -> dict[str, Any]:
+        core = self.core
+
+        def build() -> dict[str, Any]:
+            st = core.status()
+            rows = core.ledger.lane_rows()
+            st["broker_connected"] = bool(core.link is not None and core.link.connected)
+            st["lanes"] = [{"lane": name, "gtin": rows.get(name, {}).get("gtin"),
+                            "weight_g": core.lane_weight(name, rows)} for name in core.lanes]
+            st["catalog_issued_at"] = core.catalog.issued_at
+            st["acked_upto"] = core.ledger.acked_upto
+            st["sessions"] = [{"door": m.door, "session_id": m.session.session_id, "phase": m.session.phase.value}
+                              for m in core.doors.values() if m.session is not None]
+            return st
+
+        return self._on_core(build)
+
+    def lanes(self, **_: Any) -> list[dict[str, Any]]:
+        core = self.core
+
+        def build() -> list[dict[str, Any]]:
+            rows = core.ledger.lane_rows()
+            at = core.now_dt()
+            out = []
+            for name, view in core.lanes.items():
+                row = rows.get(name, {})
+                gtin = row.get("gtin")
+                product = core.catalog.product(gtin) if gtin else None
+                snap = row.get("product") or {}
+                unit = product.unit_weight_g if product else snap.get("unit_weight_g")
+                weight = core.lane_weight(name, rows)
+                count = round(weight / unit) if weight is not None and unit else None
+                out.append({
+                    "lane": name, "door": view.door, "channel": view.channel, "gtin": gtin,
+                    "name": product.name if product else snap.get("name"), "price_cents": row.get("price_cents"),
+                    "weight_g": weight, "count": max(count, 0) if count is not None else None,
+                    "certified": bool(gtin) and core.catalog.lookup(gtin, at).certified,
+                })
+            return out
+
+        return self._on_core(build)
+
+    # -- service mode ---------------------------------------------------------------------------------
+    def service(self, args: dict[str, Any], user: str, **_: Any) -> dict[str, Any]:
+        on = args.get("on")
+        if not isinstance(on, bool):
+            raise ControlFailure("service takes on or off", 2)
+        core = self.core
+
+        def apply() -> dict[str, Any]:
+            busy = [m.door for m in core.doors.values() if m.busy]
+            if on and busy:
+                raise ControlFailure(f"a shopping session is in progress on door {busy[0]}; try again when it ends")
+            if core.service_mode != on:
+                with core.ledger.transaction() as tx:
+                    tx.set_meta("service_mode", "1" if on else "0")
+                core.service_mode = on
+                core.record_event("service_mode", on=on, operator=user)
+                core.publish_status()
+            return {"service": on}
+
+        return self._on_core(apply)
+
+    def _require_service(self) -> None:
+        if not self.core.service_mode:
+            raise ControlFailure("only in service mode (cabinetctl service on)")
+
+    def unlock(self, args: dict[str, Any], user: str, **_: Any) -> dict[str, Any]:
+        door = args.get("door")
+        core = self.core
+        if not isinstance(door, int) or door not in core.doors:
+            raise ControlFailure(f"unknown door {door!r} (doors: {', '.join(map(str, core.doors))})", 2)
+
+        token = f"service-{uuid.uuid4()}"
+        done: Future[Any] = Future()
+
+        def apply() -> None:
+            self._require_service()
+            if core.lockboard is None:
+                raise ControlFailure("no lock board")
+            if "lock_fault" in core.faults:
+                raise ControlFailure("the lock board is not answering (lock_fault)")
+            core.record_event("service_unlock", door=door, operator=user)
+            core.doors[door].service_unlock(core.clock())
+            core.unlock_waiters[token] = done
+            core.lockboard.unlock(core.lock_of[door], token)
+
+        self._on_core(apply)
+        try:
+            result = done.result(timeout=UNLOCK_CONFIRM_S)
+        except FutureTimeout:
+            raise ControlFailure(f"the unlock of door {door} was not confirmed within {UNLOCK_CONFIRM_S:.0f} s") from None
+        if not result.ok:
+            raise ControlFailure(f"the unlock of door {door} was not confirmed: {result.detail}")
+        return {"door": door, "unlocked": True}
+
+    def restock(self, args: dict[str, Any], user: str, progress: Callable[[Any], None], **_: Any) -> dict[str, Any]:
+        lane = self._lane_arg(args)
+        qty = args.get("qty", 1)
+        price = args.get("price")
+        code = args.get("code")
+        if not isinstance(qty, int) or qty < 1:
+            raise ControlFailure("--qty must be a whole number >= 1", 2)
+        if price is not None and (not isinstance(price, int) or isinstance(price, bool)
+                                  or not 0 <= price <= MAX_PRICE_CENTS):
+            raise ControlFailure(f"--price must be a whole number of cents from 0 to {MAX_PRICE_CENTS}", 2)
+        core = self.core
+        self._on_core(self._require_service)
+        symbology: str | None = None
+        lookup_code = code
+        if not code:
+            wait_s = float(args.get("wait_s") or SCAN_WAIT_S)
+            progress({"waiting_for_scan": wait_s})
+            fut: Future[ScanSeen] = Future()
+            self._on_core(lambda: core.scan_waiters.append(fut))
+            try:
+                scan = fut.result(timeout=wait_s)
+            except FutureTimeout:
+                raise ControlFailure(f"no product code scanned within {wait_s:.0f} s") from None
+            # the event names the code as read; the lookup uses the GTIN the pipeline extracted
+            # (a GS1 QR's text is not a GTIN; a UPC-E's GTIN-14 is no longer UPC-E)
+            code, symbology = scan.text, scan.symbology
+            lookup_code = scan.gtin or scan.text
+            progress({"scanned": code})
+
+        def apply() -> dict[str, Any]:
+            self._require_service()
+            at = core.now_dt()
+            look = core.catalog.lookup(lookup_code, at, None if lookup_code != code else symbology)
+            if not look.certified:
+                core.record_event("uncertified_scan", code=code, gtin=look.gtin, symbology=symbology,
+                                  context="restock", reason=look.reason)
+                raise ControlFailure(f"{code} is not certified now: {_why(look.reason)}; restock refused")
+            row = core.ledger.lane_rows().get(lane, {})
+            new_product = row.get("gtin") != look.gtin
+            if new_product and price is None:
+                raise ControlFailure(f"{look.gtin} is new to lane {lane}: give its price with --price CENTS")
+            core.assign_lane(lane, look.gtin, price if price is not None else row.get("price_cents"))
+            core.record_event("restock", lane=lane, gtin=look.gtin, qty=qty, cert_id=look.product.cert_id,
+                              operator=user)
+            return {"lane": lane, "gtin": look.gtin, "name": look.product.name, "qty": qty,
+                    "price_cents": price if price is not None else row.get("price_cents")}
+
+        return self._on_core(apply)
+
+    def price(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+        lane = self._lane_arg(args)
+        cents = args.get("cents")
+        if not isinstance(cents, int) or isinstance(cents, bool) or not 0 <= cents <= MAX_PRICE_CENTS:
+            raise ControlFailure(f"price must be a whole number of cents from 0 to {MAX_PRICE_CENTS}", 2)
+        core = self.core
+
+        def apply() -> dict[str, Any]:
+            with core.ledger.transaction() as tx:
+                tx.set_lane(lane, price_cents=cents)
+            return {"lane": lane, "price_cents": cents}
+
+        return self._on_core(apply)
+
+    def _stable_gross(self, lane: str) -> float:
+        view = self.core.lanes[lane]
+        if self.core.doors[view.door].busy:
+            raise ControlFailure(f"door {view.door} has a shopping session in progress")
+        if view.gross_g is None:
+            raise ControlFailure(f"the scale of lane {lane} is not answering")
+        if not view.stable:
+            raise ControlFailure(f"the weight of lane {lane} is not stable; try again")
+        return view.gross_g
+
+    def tare(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+        target = args.get("lane")
+        core = self.core
+        names = list(core.lanes) if target == "all" else [self._lane_arg(args)]
+
+        def apply() -> dict[str, Any]:
+            gross = {name: self._stable_gross(name) for name in names}
+            with core.ledger.transaction() as tx:
+                for name, g in gross.items():
+                    tx.set_lane(name, tare_g=g)
+            return {"tared": names}
+
+        return self._on_core(apply)
+
+    def calibrate(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+        lane = self._lane_arg(args)
+        grams = args.get("grams")
+        if not isinstance(grams, (int, float)) or isinstance(grams, bool) or not math.isfinite(grams) or grams <= 0:
+            raise ControlFailure("GRAMS must be a positive, finite number", 2)
+        core = self.core
+
+        def apply() -> dict[str, Any]:
+            gross = self._stable_gross(lane)
+            tare = core.ledger.lane_rows().get(lane, {}).get("tare_g") or 0.0
+            raw = gross - tare
+            if raw <= 0:
+                raise ControlFailure(f"lane {lane} reads {raw:.1f} g above its tare: put the known weight on it")
+            factor = grams / raw
+            with core.ledger.transaction() as tx:
+                tx.set_lane(lane, factor=factor)
+            return {"lane": lane, "factor": factor}
+
+        return self._on_core(apply)
+
+    # -- catalog --------------------------------------------------------------------------------------
+    def catalog_info(self, **_: Any) -> dict[str, Any]:
+        cat = self.core.catalog
+        return {"version": cat.version, "issued_at": cat.issued_at, "products": cat.product_count}
+
+    def catalog_lookup(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+        code = args.get("code")
+        if not isinstance(code, str) or not code:
+            raise ControlFailure("give a product code", 2)
+        at = self.core.now_dt()
+        look = self.core.catalog.lookup(code, at)
+        p = look.product
+        return {"code": code, "gtin": look.gtin, "certified": look.certified, "reason": look.reason,
+                "why": None if look.certified else _why(look.reason),
+                "product": None if p is None else {
+                    "name": p.name, "producer": p.producer, "origin": p.origin, "cert_id": p.cert_id,
+                    "valid_from": str(p.valid_from), "valid_until": str(p.valid_until),
+                    "unit_weight_g": p.unit_weight_g, "weight_tolerance_g": p.weight_tolerance_g}}
+
+    def catalog_install(self, fds: list[int], progress: Callable[[Any], None], **_: Any) -> dict[str, Any]:
+        if len(fds) != 1:
+            raise ControlFailure("catalog install needs the file passed along the request", 2)
+        worker = self.core.catalog_worker
+        if worker is None:
+            raise ControlFailure("the catalog installer is not running")
+        last = [-1]
+
+        def report(done: int, total: int) -> None:
+            pct = int(done * 100 / total) if total else 100
+            if pct != last[0]:
+                last[0] = pct
+                progress({"done": done, "total": total})
+
+        # Read the operator's file only through the descriptor cabinetctl passed: reopening it
+        # by path would check permissions again against the daemon's user. A spool copy in
+        # data_dir (the install reads its input twice) is removed afterwards.
+        spool = self.core.cfg.data_dir / f"catalog-upload-{os.getpid()}-{threading.get_ident()}.json"
+        try:
+            with os.fdopen(os.dup(fds[0]), "rb") as src, open(spool, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            result = worker.install_file(str(spool), report)
+        except CatalogError as exc:
+            raise ControlFailure(f"catalog refused: {exc.reason}: {exc}") from None
+        except OSError as exc:
+            raise ControlFailure(f"cannot read the catalog file: {exc.strerror or exc}") from None
+        finally:
+            spool.unlink(missing_ok=True)
+        return {"outcome": result.outcome, "version": result.version, "products": result.products,
+                "delta": result.delta}
+
+    # -- sync -----------------------------------------------------------------------------------------
+    def sync(self, **_: Any) -> dict[str, Any]:
+        core = self.core
+
+        def apply() -> dict[str, Any]:
+            core.syncer.rewind(core.clock())
+            return {"unsynced": core.ledger.unsynced, "last_seq": core.ledger.last_seq,
+                    "broker_connected": bool(core.link is not None and core.link.connected)}
+
+        return self._on_core(apply)
+
+
+def _why(reason: str | None) -> str:
+    return {
+        "unknown": "unknown (not in the certified catalog)",
+        "revoked": "revoked (its certificate was withdrawn)",
+        "not_yet_valid": "not yet valid (its certificate starts later)",
+        "expired": "expired (its certificate has ended)",
+        "bad_check_digit": "bad check digit (not a valid GTIN)",
+    }.get(reason or "", reason or "not certified")

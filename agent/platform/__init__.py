@@ -1,0 +1,1 @@
+"""The platform side of mqtt.md (spec/platform.md): reference platform, ingest, signing, fleet."""

@@ -1,0 +1,1 @@
+"""Pure rules: what the cabinet decides. Facts and time in, decisions out; no I/O."""

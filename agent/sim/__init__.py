@@ -1,0 +1,1 @@
+"""Never runs on a real cabinet: private broker, simulated cabinet, demo. Only agent.cli.main imports it, lazily."""

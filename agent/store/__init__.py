@@ -1,0 +1,1 @@
+"""Storage: what the cabinet remembers (ledger, catalog, their schemas)."""
