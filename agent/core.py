@@ -26,10 +26,9 @@ from agent.rules.commands import Command, Rejected, parse_payload, validate
 from agent.config import Config
 from agent.rules.doors import (ActiveSession, DoorMachine, Phase,
                          Timing, resume_phase)
-from agent.devices import DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
 from agent.store.ledger import Ledger
-from agent.events import CatalogOutcome, ControlCall, ScanSeen
-from agent.mqtt_link import Inbound, LinkDown, LinkUp, PublishFailed
+from agent.events import (CatalogOutcome, ControlCall, DeviceFault, DeviceRecovered, DoorFeedback, Inbound, LinkDown,
+                          LinkUp, PublishFailed, ScaleCycle, ScanSeen, UnlockDone)
 from drivers.gs1 import classify
 from agent.sessions import SessionRunner, product_dict
 from agent.status import StatusReporter

@@ -27,8 +27,8 @@ from agent.config import Config
 from agent.control import ControlServer
 from agent.core import Core
 from agent.errors import AgentError
-from agent.devices import DeviceFault, DeviceRecovered, LockboardThread, ScaleThread
-from agent.events import ScanSeen
+from agent.devices import LockboardThread, ScaleThread
+from agent.events import DeviceFault, DeviceRecovered, ScanSeen
 from agent.mqtt_link import MqttLink
 from agent.control_handlers import Operator
 

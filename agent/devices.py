@@ -13,9 +13,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from agent.events import ChannelState, DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
 from drivers.errors import DriverError
 from drivers.lockboard.client import LockBoardClient
 from drivers.scales.client import ScaleClient
@@ -23,49 +23,6 @@ from drivers.scales.stability import StabilityWindow
 from drivers.serial_link import SerialLink
 
 log = logging.getLogger(__name__)
-
-
-# -- messages to the core ------------------------------------------------------------------
-@dataclass(frozen=True)
-class DoorFeedback:
-    """Raw feedback per lock (True = contact open), or None when the board did not answer."""
-
-    states: dict[int, bool] | None
-    at: float
-
-
-@dataclass(frozen=True)
-class UnlockDone:
-    lock: int
-    token: str
-    ok: bool
-    at: float
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class DeviceFault:
-    device: str          # lockboard | scale | camera
-    unit: int | None     # board address or scale channel
-    detail: str
-
-
-@dataclass(frozen=True)
-class DeviceRecovered:
-    device: str
-    unit: int | None
-
-
-@dataclass(frozen=True)
-class ChannelState:
-    gross_g: float | None   # raw transmitter reading; None while faulted
-    stable: bool
-
-
-@dataclass(frozen=True)
-class ScaleCycle:
-    channels: dict[int, ChannelState]
-    at: float
 
 
 class _FaultCounter:

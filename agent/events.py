@@ -1,5 +1,5 @@
-"""Messages other threads post to the core's inbox (besides the device and link messages
-defined next to the threads that send them)."""
+"""Every item other threads post to the core's inbox: devices, the platform link, the
+control socket, the catalog installer and the camera. The core dispatches on their types."""
 
 from __future__ import annotations
 
@@ -35,3 +35,69 @@ class ScanSeen:
     symbology: str
     text: str
     gtin: str | None
+
+
+# -- devices ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DoorFeedback:
+    """Raw feedback per lock (True = contact open), or None when the board did not answer."""
+
+    states: dict[int, bool] | None
+    at: float
+
+
+@dataclass(frozen=True)
+class UnlockDone:
+    lock: int
+    token: str
+    ok: bool
+    at: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceFault:
+    device: str          # lockboard | scale | camera
+    unit: int | None     # board address or scale channel
+    detail: str
+
+
+@dataclass(frozen=True)
+class DeviceRecovered:
+    device: str
+    unit: int | None
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    gross_g: float | None   # raw transmitter reading; None while faulted
+    stable: bool
+
+
+@dataclass(frozen=True)
+class ScaleCycle:
+    channels: dict[int, ChannelState]
+    at: float
+
+
+# -- the platform link ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinkUp:
+    pass
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PublishFailed:
+    mid: int
+    reason: str

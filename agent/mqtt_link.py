@@ -20,7 +20,6 @@ import random
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +28,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import PlatformConfig
+from agent.events import Inbound, LinkDown, LinkUp, PublishFailed
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600 + 3600
-
-
-@dataclass(frozen=True)
-class LinkUp:
-    pass
-
-
-@dataclass(frozen=True)
-class LinkDown:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Inbound:
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class PublishFailed:
-    mid: int
-    reason: str
 
 
 def set_no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:

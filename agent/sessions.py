@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from agent.rules.commands import Command, Rejected
 from agent.rules.doors import (ActiveSession, Closed, DoorForced, DoorMachine, LeftOpen, LeftOpenCleared, Opened,
                          Reopened, Settle)
-from agent.devices import UnlockDone
+from agent.events import UnlockDone
 from agent.rules.reconcile import LaneChange, reconcile
 
 if TYPE_CHECKING:
