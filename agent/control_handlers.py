@@ -18,11 +18,14 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from agent.rules.commands import MAX_PRICE_CENTS
+from agent.catalog_worker import CatalogWorker
 from agent.control import ControlFailure
 from agent.core import Core
 from agent.errors import CatalogError
 from agent.events import ScanSeen
+from agent.protocol import EventKind
+from agent.recorder import RecordFailed
+from agent.rules.commands import MAX_PRICE_CENTS
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,9 @@ UNLOCK_CONFIRM_S = 5.0
 
 
 class Operator:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, catalog_worker: CatalogWorker | None = None) -> None:
         self.core = core
+        self.catalog_worker = catalog_worker
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, cmd: str, args: dict[str, Any], fds: list[int], user: str,
@@ -51,10 +55,19 @@ class Operator:
     def _on_core(self, fn: Callable[[], Any]) -> Any:
         return self.core.call(fn)
 
+    def _write(self, fn: Callable[[Any], None]) -> None:
+        """One ledger transaction on the core thread; a refused write is the operator's failure."""
+        try:
+            with self.core.recorder.transaction() as tx:
+                fn(tx)
+        except RecordFailed as exc:
+            raise ControlFailure(f"the ledger cannot accept records: {exc}") from None
+
     def _lane_arg(self, args: dict[str, Any]) -> str:
         lane = args.get("lane")
-        if not isinstance(lane, str) or lane not in self.core.lanes:
-            raise ControlFailure(f"unknown lane {lane!r} (lanes: {', '.join(self.core.lanes)})", 2)
+        lanes = self.core.state.lanes
+        if not isinstance(lane, str) or lane not in lanes:
+            raise ControlFailure(f"unknown lane {lane!r} (lanes: {', '.join(lanes)})", 2)
         return lane
 
     # -- reads ---------------------------------------------------------------------------------------
@@ -64,13 +77,13 @@ class Operator:
         def build() -> dict[str, Any]:
             st = core.status()
             rows = core.ledger.lane_rows()
-            st["broker_connected"] = bool(core.link is not None and core.link.connected)
+            st["broker_connected"] = core.link_connected
             st["lanes"] = [{"lane": name, "gtin": rows.get(name, {}).get("gtin"),
-                            "weight_g": core.lane_weight(name, rows)} for name in core.lanes]
+                            "weight_g": core.lane_weight(name, rows)} for name in core.state.lanes]
             st["catalog_issued_at"] = core.catalog.issued_at
             st["acked_upto"] = core.ledger.acked_upto
             st["sessions"] = [{"door": m.door, "session_id": m.session.session_id, "phase": m.session.phase.value}
-                              for m in core.doors.values() if m.session is not None]
+                              for m in core.state.doors.values() if m.session is not None]
             return st
 
         return self._on_core(build)
@@ -80,9 +93,9 @@ class Operator:
 
         def build() -> list[dict[str, Any]]:
             rows = core.ledger.lane_rows()
-            at = core.now_dt()
+            at = core.clock.now_dt()
             out = []
-            for name, view in core.lanes.items():
+            for name, view in core.state.lanes.items():
                 row = rows.get(name, {})
                 gtin = row.get("gtin")
                 product = core.catalog.product(gtin) if gtin else None
@@ -108,42 +121,42 @@ class Operator:
         core = self.core
 
         def apply() -> dict[str, Any]:
-            busy = [m.door for m in core.doors.values() if m.busy]
+            busy = core.state.busy_doors()
             if on and busy:
                 raise ControlFailure(f"a shopping session is in progress on door {busy[0]}; try again when it ends")
-            if core.service_mode != on:
-                with core.ledger.transaction() as tx:
-                    tx.set_meta("service_mode", "1" if on else "0")
-                core.service_mode = on
-                core.record_event("service_mode", on=on, operator=user)
+            if core.state.service_mode != on:
+                self._write(lambda tx: tx.set_meta("service_mode", "1" if on else "0"))
+                core.state.service_mode = on
+                core.recorder.event(EventKind.SERVICE_MODE, on=on, operator=user)
                 core.publish_status()
             return {"service": on}
 
         return self._on_core(apply)
 
     def _require_service(self) -> None:
-        if not self.core.service_mode:
+        if not self.core.state.service_mode:
             raise ControlFailure("only in service mode (cabinetctl service on)")
 
     def unlock(self, args: dict[str, Any], user: str, **_: Any) -> dict[str, Any]:
         door = args.get("door")
         core = self.core
-        if not isinstance(door, int) or door not in core.doors:
-            raise ControlFailure(f"unknown door {door!r} (doors: {', '.join(map(str, core.doors))})", 2)
+        doors = core.state.doors
+        if not isinstance(door, int) or door not in doors:
+            raise ControlFailure(f"unknown door {door!r} (doors: {', '.join(map(str, doors))})", 2)
 
         token = f"service-{uuid.uuid4()}"
         done: Future[Any] = Future()
 
         def apply() -> None:
             self._require_service()
-            if core.lockboard is None:
+            if core.ports.lockboard is None:
                 raise ControlFailure("no lock board")
-            if "lock_fault" in core.faults:
+            if core.state.lock_faulted:
                 raise ControlFailure("the lock board is not answering (lock_fault)")
-            core.record_event("service_unlock", door=door, operator=user)
-            core.doors[door].service_unlock(core.clock())
+            core.recorder.event(EventKind.SERVICE_UNLOCK, door=door, operator=user)
+            doors[door].service_unlock(core.clock.monotonic())
             core.unlock_waiters[token] = done
-            core.lockboard.unlock(core.lock_of[door], token)
+            core.unlock(door, token)
 
         self._on_core(apply)
         try:
@@ -171,8 +184,7 @@ class Operator:
         if not code:
             wait_s = float(args.get("wait_s") or SCAN_WAIT_S)
             progress({"waiting_for_scan": wait_s})
-            fut: Future[ScanSeen] = Future()
-            self._on_core(lambda: core.scan_waiters.append(fut))
+            fut: Future[ScanSeen] = self._on_core(core.wait_for_scan)
             try:
                 scan = fut.result(timeout=wait_s)
             except FutureTimeout:
@@ -185,18 +197,21 @@ class Operator:
 
         def apply() -> dict[str, Any]:
             self._require_service()
-            at = core.now_dt()
+            at = core.clock.now_dt()
             look = core.catalog.lookup(lookup_code, at, None if lookup_code != code else symbology)
             if not look.certified:
-                core.record_event("uncertified_scan", code=code, gtin=look.gtin, symbology=symbology,
+                core.recorder.event(EventKind.UNCERTIFIED_SCAN, code=code, gtin=look.gtin, symbology=symbology,
                                   context="restock", reason=look.reason)
                 raise ControlFailure(f"{code} is not certified now: {_why(look.reason)}; restock refused")
             row = core.ledger.lane_rows().get(lane, {})
             new_product = row.get("gtin") != look.gtin
             if new_product and price is None:
                 raise ControlFailure(f"{look.gtin} is new to lane {lane}: give its price with --price CENTS")
-            core.assign_lane(lane, look.gtin, price if price is not None else row.get("price_cents"))
-            core.record_event("restock", lane=lane, gtin=look.gtin, qty=qty, cert_id=look.product.cert_id,
+            try:
+                core.assign_lane(lane, look.gtin, price if price is not None else row.get("price_cents"))
+            except RecordFailed as exc:
+                raise ControlFailure(f"the ledger cannot accept records: {exc}") from None
+            core.recorder.event(EventKind.RESTOCK, lane=lane, gtin=look.gtin, qty=qty, cert_id=look.product.cert_id,
                               operator=user)
             return {"lane": lane, "gtin": look.gtin, "name": look.product.name, "qty": qty,
                     "price_cents": price if price is not None else row.get("price_cents")}
@@ -211,15 +226,14 @@ class Operator:
         core = self.core
 
         def apply() -> dict[str, Any]:
-            with core.ledger.transaction() as tx:
-                tx.set_lane(lane, price_cents=cents)
+            self._write(lambda tx: tx.set_lane(lane, price_cents=cents))
             return {"lane": lane, "price_cents": cents}
 
         return self._on_core(apply)
 
     def _stable_gross(self, lane: str) -> float:
-        view = self.core.lanes[lane]
-        if self.core.doors[view.door].busy:
+        view = self.core.state.lanes[lane]
+        if self.core.state.doors[view.door].busy:
             raise ControlFailure(f"door {view.door} has a shopping session in progress")
         if view.gross_g is None:
             raise ControlFailure(f"the scale of lane {lane} is not answering")
@@ -230,13 +244,16 @@ class Operator:
     def tare(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
         target = args.get("lane")
         core = self.core
-        names = list(core.lanes) if target == "all" else [self._lane_arg(args)]
+        names = list(core.state.lanes) if target == "all" else [self._lane_arg(args)]
 
         def apply() -> dict[str, Any]:
             gross = {name: self._stable_gross(name) for name in names}
-            with core.ledger.transaction() as tx:
+
+            def write(tx: Any) -> None:
                 for name, g in gross.items():
                     tx.set_lane(name, tare_g=g)
+
+            self._write(write)
             return {"tared": names}
 
         return self._on_core(apply)
@@ -255,8 +272,7 @@ class Operator:
             if raw <= 0:
                 raise ControlFailure(f"lane {lane} reads {raw:.1f} g above its tare: put the known weight on it")
             factor = grams / raw
-            with core.ledger.transaction() as tx:
-                tx.set_lane(lane, factor=factor)
+            self._write(lambda tx: tx.set_lane(lane, factor=factor))
             return {"lane": lane, "factor": factor}
 
         return self._on_core(apply)
@@ -270,7 +286,7 @@ class Operator:
         code = args.get("code")
         if not isinstance(code, str) or not code:
             raise ControlFailure("give a product code", 2)
-        at = self.core.now_dt()
+        at = self.core.clock.now_dt()
         look = self.core.catalog.lookup(code, at)
         p = look.product
         return {"code": code, "gtin": look.gtin, "certified": look.certified, "reason": look.reason,
@@ -283,7 +299,7 @@ class Operator:
     def catalog_install(self, fds: list[int], progress: Callable[[Any], None], **_: Any) -> dict[str, Any]:
         if len(fds) != 1:
             raise ControlFailure("catalog install needs the file passed along the request", 2)
-        worker = self.core.catalog_worker
+        worker = self.catalog_worker
         if worker is None:
             raise ControlFailure("the catalog installer is not running")
         last = [-1]
@@ -316,9 +332,9 @@ class Operator:
         core = self.core
 
         def apply() -> dict[str, Any]:
-            core.syncer.rewind(core.clock())
+            core.syncer.rewind(core.clock.monotonic())
             return {"unsynced": core.ledger.unsynced, "last_seq": core.ledger.last_seq,
-                    "broker_connected": bool(core.link is not None and core.link.connected)}
+                    "broker_connected": core.link_connected}
 
         return self._on_core(apply)
 

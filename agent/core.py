@@ -3,17 +3,16 @@
 Every other thread (lock board, scales, camera, MQTT, control socket, catalog installer)
 only posts messages to the core's inbox; the core decides, writes the ledger, and tells
 devices what to do. So there are no locks around state, and the order of what happened is
-the order of the inbox.
+the order of the inbox. It is built with its ports (agent.ports) and a clock, so a test runs
+it in-process with fakes: ``core.handle(item)`` and ``core.step()`` are all a test needs.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import queue
 import threading
-import time
 import zoneinfo
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,122 +20,85 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.store.catalog import CatalogStore
-from agent.rules.commands import Command, Rejected, parse_payload, validate
+from agent.clock import Clock
 from agent.config import Config
-from agent.rules.doors import (ActiveSession, DoorMachine, Phase,
-                         Timing, resume_phase)
-from agent.store.ledger import Ledger
-from agent.events import (CatalogOutcome, ControlCall, DeviceFault, DeviceRecovered, DoorFeedback, Inbound, LinkDown,
-                          LinkUp, PublishFailed, ScaleCycle, ScanSeen, UnlockDone)
-from drivers.gs1 import classify
+from agent.events import (CatalogOutcome, ControlCall, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback,
+                          Inbound, LinkDown, LinkUp, PublishFailed, ScaleCycle, ScanSeen, UnlockDone)
+from agent.ports import Ports
+from agent.protocol import CLOCK_JUMP_S, Alarm, EventKind, Topics, canonical, load_public_key, ts_from_epoch
+from agent.recorder import Recorder, RecordFailed
+from agent.rules.commands import Command, Rejected, parse_payload, validate
+from agent.rules.doors import ActiveSession, Phase, Timing, resume_phase
 from agent.sessions import SessionRunner, product_dict
-from agent.status import StatusReporter
+from agent.state import CabinetState
+from agent.status import StatusSchedule, StatusView
+from agent.store.catalog import CatalogStore
+from agent.store.ledger import Ledger
 from agent.sync import Syncer
-from agent.protocol import canonical, format_ts, load_public_key, ts_from_epoch
+from drivers.gs1 import classify
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
-SEEN_PURGE_S = 3600.0
-CLOCK_JUMP_S = 60.0
 IDLE_REPORT_EVERY_S = 3600.0   # an uncertified code shown to an idle cabinet is reported once an hour
+ACK_FLUSH_S = 1.0
+HOUSEKEEPING_S = 10.0
 
 
-@dataclass
-class LaneView:
-    """What the core knows about a lane right now."""
+@dataclass(frozen=True)
+class _DeviceRules:
+    """How one kind of device's faults show: its alarm, its fault event, its unit's field name."""
 
-    name: str
-    door: int
-    channel: int
-    gross_g: float | None = None
-    stable: bool = False
+    alarm: Callable[[int | None], str]
+    fault_event: EventKind
+    unit_field: str | None
+
+
+_DEVICES: dict[DeviceKind, _DeviceRules] = {
+    DeviceKind.LOCKBOARD: _DeviceRules(lambda _unit: Alarm.LOCK_FAULT, EventKind.LOCK_FAULT, "board"),
+    DeviceKind.SCALE: _DeviceRules(lambda unit: Alarm.scale_fault(unit or 0), EventKind.SCALE_FAULT, "channel"),
+    DeviceKind.CAMERA: _DeviceRules(lambda _unit: Alarm.CAMERA_FAULT, EventKind.CAMERA_FAULT, None),
+}
 
 
 class Core:
-    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: Config, *, ports: Ports | None = None, clock: Clock | None = None,
+                 inbox: queue.Queue[Any] | None = None) -> None:
         self.cfg = cfg
-        self.cid = cfg.cabinet.id
-        self.clock = clock
-        self.wall = wall
+        self.topics = Topics(cfg.cabinet.id)
+        self.clock = clock or Clock()
+        self.ports = ports or Ports()
         self.tz = zoneinfo.ZoneInfo(cfg.cabinet.timezone)
-        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.inbox: queue.Queue[Any] = inbox if inbox is not None else queue.Queue()
         self.key = load_public_key(cfg.platform.public_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(cfg.data_dir / "ledger.db")
         self.catalog = CatalogStore(cfg.data_dir / "catalog.db", self.key, cfg.cabinet.timezone)
-        self.timing = Timing(cfg.lockboard.latch_release_s, cfg.session.open_timeout_s,
-                             cfg.session.door_open_alarm_s, cfg.scale.settle_s)
-        self.doors = {d.door: DoorMachine(d.door, self.timing) for d in cfg.doors}
-        self.lock_of = {d.door: d.lock for d in cfg.doors}
-        self.feedback: dict[int, bool | None] = {d.door: None for d in cfg.doors}
-        self.lanes = {ln.lane: LaneView(ln.lane, ln.door, ln.channel) for ln in cfg.lanes}
-        self.lane_of_channel = {ln.channel: ln.lane for ln in cfg.lanes}
-        self.faults: set[str] = set()
-        self.link: Any = None          # MqttLink, set by the runner
-        self.lockboard: Any = None     # LockboardThread
-        self.catalog_worker: Any = None
+        timing = Timing(cfg.lockboard.latch_release_s, cfg.session.open_timeout_s,
+                        cfg.session.door_open_alarm_s, cfg.scale.settle_s)
+        self.state = CabinetState(cfg, timing)
+        self.state.service_mode = self.ledger.meta("service_mode", "0") == "1"
+        self.state.ledger_corrupt = self.ledger.rolled_back
+        self.recorder = Recorder(self.ledger, self.clock)
+        self.view = StatusView(cfg, self.state, self.recorder, self.catalog, self.clock)
+        self.schedule = StatusSchedule(cfg.platform.status_interval_s)
+        self.sessions = SessionRunner(self.state, self.recorder, self.catalog, self.clock, cfg, self)
+        self.syncer = Syncer(self.ledger, cfg.cabinet.id, self._publish_batch, cfg.platform.max_batch,
+                             cfg.platform.ack_timeout_s)
         self.scan_waiters: list[Future[ScanSeen]] = []
         self.unlock_waiters: dict[str, Future[UnlockDone]] = {}
-        self.stopping = False   # set at SIGTERM: no new sessions
-        self.service_mode = self.ledger.meta("service_mode", "0") == "1"
-        self.alarm_ledger_corrupt = self.ledger.rolled_back
-        self.syncer = Syncer(self.ledger, self.cid, self._publish_batch, cfg.platform.max_batch,
-                             cfg.platform.ack_timeout_s)
         self._last_housekeeping = -1e9
         self._last_ack_flush = -1e9
-        self._clock_offset = self.wall() - self.clock()
+        self._clock_offset = self.clock.wall() - self.clock.monotonic()
         self._stopping = threading.Event()
-        self.ledger_ok = True
         self._stale_reported: set[int | None] = set()
-        self.reporter = StatusReporter(self)
-        self.sessions = SessionRunner(self)
-
-    # -- topics ------------------------------------------------------------------------------
-    def topic(self, suffix: str) -> str:
-        return f"cab/v1/{self.cid}/{suffix}"
-
-    def subscriptions(self) -> list[str]:
-        return [self.topic("records/ack"), self.topic("cmd"), "cab/v1/catalog", "cab/v1/catalog/delta",
-                self.topic("catalog")]
-
-    # -- time ----------------------------------------------------------------------------------
-    def now_dt(self) -> dt.datetime:
-        """The wall clock as an aware UTC datetime (certification checks, lookups)."""
-        return dt.datetime.fromtimestamp(self.wall(), dt.timezone.utc)
-
-    def now_ts(self) -> str:
-        return format_ts(self.now_dt())
-
-    def ts(self, epoch: float | None) -> str | None:
-        return None if epoch is None else ts_from_epoch(epoch)
-
-    # -- ledger writes ---------------------------------------------------------------------------
-    def record_event(self, kind: str, **fields: Any) -> None:
-        body = {"kind": kind, **fields}
-        try:
-            self.ledger.append("event", body, self.now_ts())
-        except (UnicodeEncodeError, TypeError, ValueError, RecursionError) as exc:
-            log.error("event %s cannot be recorded, its content is not JSON text: %s", kind, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - sqlite3 errors, disk full
-            self.ledger_failed(exc)
-            return
-        log.info("event %s %s", kind, json.dumps(fields, ensure_ascii=False))
-
-    def ledger_failed(self, exc: BaseException) -> None:
-        log.error("the ledger cannot accept records: %s", exc)
-        self.ledger_ok = False
 
     # -- startup -----------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume journaled sessions (never unlocking again) and record the start."""
-        now = self.clock()
-        wall = self.wall()
+        now, wall = self.clock.monotonic(), self.clock.wall()
         for row in self.ledger.active_sessions():
-            machine = self.doors.get(row["door"])
+            machine = self.state.doors.get(row["door"])
             if machine is None:
                 log.error("journaled session %s is for door %s, which is no longer configured", row["session_id"],
                           row["door"])
@@ -152,17 +114,17 @@ class Core:
             log.warning("resuming session %s on door %d in phase %s (no second unlock)", session.session_id,
                         session.door, phase.value)
         lane_rows = self.ledger.lane_rows()
-        for name in self.lanes:
+        for name in self.state.lanes:
             if name not in lane_rows:
                 with self.ledger.transaction() as tx:
                     tx.set_lane(name, tare_g=0.0)
-        self.record_event("agent_started", version=__version__)
-        if self.alarm_ledger_corrupt:
+        self.recorder.event(EventKind.AGENT_STARTED, version=__version__)
+        if self.state.ledger_corrupt:
             log.error("ledger_corrupt: the database was rolled back")
         else:
             bad, why = self.ledger.verify()
             if bad is not None:
-                self.alarm_ledger_corrupt = True
+                self.state.ledger_corrupt = True
                 log.error("ledger_corrupt: %s", why)
 
     # -- main loop ------------------------------------------------------------------------------------
@@ -198,12 +160,11 @@ class Core:
 
     def settling(self) -> bool:
         """A session is past its door and only waits for the scales (read from another thread)."""
-        return any(m.session is not None and m.session.phase in (Phase.SETTLING, Phase.TIMED_OUT)
-                   for m in self.doors.values())
+        return self.state.settling()
 
     def finish(self) -> None:
         """SIGTERM: a running session stays journaled and resumes at the next start."""
-        for machine in self.doors.values():
+        for machine in self.state.doors.values():
             if machine.session is not None:
                 log.warning("stopping with session %s open; it resumes at the next start", machine.session.session_id)
         self.ledger.close()
@@ -215,16 +176,16 @@ class Core:
         elif isinstance(item, ScaleCycle):
             self._on_scales(item)
         elif isinstance(item, UnlockDone):
-            self.sessions.on_unlock_done(item)
+            self._on_unlock_done(item)
         elif isinstance(item, Inbound):
             self._on_inbound(item)
         elif isinstance(item, LinkUp):
-            self.syncer.rewind(self.clock())
+            self.syncer.rewind(self.clock.monotonic())
             self.publish_status(force=True)
         elif isinstance(item, LinkDown):
             pass
         elif isinstance(item, PublishFailed):
-            self.syncer.rewind(self.clock())
+            self.syncer.rewind(self.clock.monotonic())
         elif isinstance(item, (DeviceFault, DeviceRecovered)):
             self._on_device(item)
         elif isinstance(item, ControlCall):
@@ -241,95 +202,105 @@ class Core:
             log.warning("unknown inbox item %r", item)
 
     def step(self) -> None:
-        now = self.clock()
+        now = self.clock.monotonic()
         self._step_doors(now, None)   # timers only: a reading counts once, at its poll time
         self.sessions.retry_pending(now)
-        self.syncer.pump(now, self.link is not None and self.link.connected)
+        self.syncer.pump(now, self.link_connected)
         self.publish_status()
-        if now - self._last_ack_flush > 1.0:
+        if now - self._last_ack_flush > ACK_FLUSH_S:
             self._last_ack_flush = now
             try:
                 self.ledger.flush_acked()
-            except Exception as exc:  # noqa: BLE001
-                self.ledger_failed(exc)
-        if now - self._last_housekeeping > 10.0:
+            except Exception as exc:  # noqa: BLE001 - sqlite3 errors, disk full
+                self.recorder.failed(exc)
+        if now - self._last_housekeeping > HOUSEKEEPING_S:
             self._last_housekeeping = now
             self._housekeeping(now)
 
+    @property
+    def link_connected(self) -> bool:
+        return self.ports.link is not None and self.ports.link.connected
+
+    # -- the Outbox the sessions use ------------------------------------------------------------------
+    def reply(self, command_id: str, ok: bool, *, error: str | None = None, result: Any = None) -> None:
+        body = {"id": command_id, "ok": ok, "at": self.clock.now_ts(), "error": error,
+                "result": result if result else {}}
+        if self.ports.link is not None:
+            self.ports.link.publish(self.topics.reply, canonical(body), qos=1)
+
+    def reject(self, rej: Rejected) -> None:
+        log.warning("command %s (%s) rejected: %s", rej.command_id, rej.type, rej.reason)
+        # what an unauthenticated sender chose is clipped, so that no record outgrows a batch
+        self.recorder.event(EventKind.COMMAND_REJECTED, command_id=_clip(rej.command_id), type=_clip(rej.type),
+                            reason=_clip(rej.reason, 500))
+        if rej.command_id is not None:
+            self.reply(rej.command_id, False, error=rej.reason)
+
+    def unlock(self, door: int, token: str) -> None:
+        if self.ports.lockboard is not None:
+            self.ports.lockboard.unlock(self.state.lock_of[door], token)
+
+    def status_changed(self) -> None:
+        self.publish_status()
+
     # -- devices ----------------------------------------------------------------------------------
     def _on_feedback(self, fb: DoorFeedback) -> None:
-        for door, lock in self.lock_of.items():
-            self.feedback[door] = None if fb.states is None else fb.states.get(lock)
-        self._step_doors(fb.at, self.feedback)
+        for door, lock in self.state.lock_of.items():
+            self.state.feedback[door] = None if fb.states is None else fb.states.get(lock)
+        self._step_doors(fb.at, self.state.feedback)
 
     def _step_doors(self, at: float, readings: dict[int, bool | None] | None) -> None:
         """Advance every door machine to ``at``, with the poll's readings when there are some."""
-        wall = self.wall()
-        for door, machine in self.doors.items():
+        wall = self.clock.wall()
+        for door, machine in self.state.doors.items():
             reading = readings.get(door) if readings is not None else None
-            for action in machine.step(at, wall, reading, self.door_lanes_stable(door)):
+            for action in machine.step(at, wall, reading, self.state.door_lanes_stable(door)):
                 self.sessions.apply(machine, action)
 
     def _on_scales(self, cycle: ScaleCycle) -> None:
-        for ch, state in cycle.channels.items():
-            lane = self.lane_of_channel.get(ch)
+        for ch, reading in cycle.channels.items():
+            lane = self.state.lane_of_channel.get(ch)
             if lane is not None:
-                self.lanes[lane].gross_g = state.gross_g
-                self.lanes[lane].stable = state.stable
+                self.state.lanes[lane].gross_g = reading.gross_g
+                self.state.lanes[lane].stable = reading.stable
+
+    def _on_unlock_done(self, done: UnlockDone) -> None:
+        waiter = self.unlock_waiters.pop(done.token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(done)   # a service unlock's cabinetctl is waiting for it
+        self.sessions.on_unlock_done(done)
 
     def _on_device(self, item: DeviceFault | DeviceRecovered) -> None:
-        if item.device == "lockboard":
-            alarm = "lock_fault"
-        elif item.device == "scale":
-            alarm = f"scale_fault:{item.unit}"
-        else:
-            alarm = "camera_fault"
+        rules = _DEVICES.get(item.device)
+        if rules is None:
+            log.warning("fault report from an unknown device %r ignored", item.device)
+            return
+        alarm = rules.alarm(item.unit)
+        unit = {rules.unit_field: item.unit} if rules.unit_field else {}
         if isinstance(item, DeviceFault):
-            self.faults.add(alarm)
-            if item.device == "lockboard":
-                self.record_event("lock_fault", board=item.unit, detail=item.detail)
-            elif item.device == "scale":
-                self.record_event("scale_fault", channel=item.unit, detail=item.detail)
-            else:
-                self.record_event("camera_fault", detail=item.detail)
+            self.state.faults.add(alarm)
+            self.recorder.event(rules.fault_event, **unit, detail=item.detail)
         else:
-            self.faults.discard(alarm)
-            extra: dict[str, Any] = {}
-            if item.device == "lockboard":
-                extra["board"] = item.unit
-            elif item.device == "scale":
-                extra["channel"] = item.unit
-            self.record_event("hardware_recovered", device=item.device, **extra)
+            self.state.faults.discard(alarm)
+            self.recorder.event(EventKind.HARDWARE_RECOVERED, device=str(item.device), **unit)
         self.publish_status()
 
     def lane_weight(self, lane: str, rows: dict[str, dict[str, Any]] | None = None) -> float | None:
         """The lane's weight after the software tare and calibration factor."""
-        view = self.lanes[lane]
-        if view.gross_g is None:
-            return None
-        row = (rows or self.ledger.lane_rows()).get(lane, {})
-        return round((view.gross_g - (row.get("tare_g") or 0.0)) * (row.get("factor") or 1.0), 3)
-
-    def door_ready(self, door: int) -> bool:
-        """A session can start: the door's state is known and its lanes have a stable baseline.
-        (Right after a start neither is known yet; an open_door then waits a moment.)"""
-        return self.feedback[door] is not None and self.door_lanes_stable(door)
-
-    def door_lanes_stable(self, door: int) -> bool:
-        return all(v.stable and v.gross_g is not None for v in self.lanes.values() if v.door == door)
+        return self.state.lane_weight(lane, rows if rows is not None else self.ledger.lane_rows())
 
     # -- platform messages ---------------------------------------------------------------------------
     def _on_inbound(self, msg: Inbound) -> None:
         topic = msg.topic
-        if topic == self.topic("records/ack"):
+        if topic == self.topics.ack:
             self._on_ack(msg.payload)
-        elif topic == self.topic("cmd"):
+        elif topic == self.topics.cmd:
             self._on_command(msg.payload)
-        elif topic in ("cab/v1/catalog", "cab/v1/catalog/delta", self.topic("catalog")):
+        elif topic in self.topics.catalog_topics:
             if not msg.payload:
                 log.info("empty payload on %s (a cleared retained catalog) ignored", topic)
-            elif self.catalog_worker is not None:
-                self.catalog_worker.submit_bytes(msg.payload, topic)
+            elif self.ports.catalog is not None:
+                self.ports.catalog.submit_bytes(msg.payload, topic)
         else:
             log.warning("message on unexpected topic %s ignored", topic)
 
@@ -342,16 +313,16 @@ class Core:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("malformed ack ignored (%s): %r", exc, payload[:200])
             return
-        self.syncer.on_ack(upto, self.clock())
+        self.syncer.on_ack(upto, self.clock.monotonic())
 
     def _on_command(self, payload: bytes) -> None:
         try:
             obj = parse_payload(payload)
-            cmd = validate(obj, key=self.key, now=self.wall(), skew_s=self.cfg.platform.clock_skew_s,
+            cmd = validate(obj, key=self.key, now=self.clock.wall(), skew_s=self.cfg.platform.clock_skew_s,
                            config=self.cfg, seen=self.ledger.command_seen)
         except Rejected as rej:
             if rej.remember_until is not None and rej.command_id is not None:
-                self.remember_id(rej.command_id, rej.remember_until)
+                self.recorder.remember_command(rej.command_id, rej.remember_until)
             self.reject(rej)
             return
         log.info("command %s %s accepted", cmd.type, cmd.id)
@@ -361,10 +332,11 @@ class Core:
             try:
                 self.sessions.open_door(cmd)
             except Rejected as rej:
-                self.remember(cmd)
+                self.recorder.remember_command(cmd.id, self.sessions.seen_until(cmd))
                 self.reject(rej)
             return
-        if not self.remember(cmd):
+        if not self.recorder.remember_command(cmd.id, self.sessions.seen_until(cmd)):
+            self.reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
             return
         try:
             if cmd.type == "status":
@@ -377,72 +349,43 @@ class Core:
         except Rejected as rej:
             self.reject(rej)
 
-    def remember(self, cmd: Command) -> bool:
-        """Persist the command id (replay protection across restarts); False if the ledger failed."""
-        if self.remember_id(cmd.id, self.seen_until(cmd)):
-            return True
-        self.reject(Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type))
-        return False
-
-    def remember_id(self, command_id: str, until: float) -> bool:
-        try:
-            with self.ledger.transaction() as tx:
-                tx.remember_command(command_id, until)
-        except Exception as exc:  # noqa: BLE001
-            self.ledger_failed(exc)
-            return False
-        return True
-
-    def seen_until(self, cmd: Command) -> float:
-        return cmd.expires_at + self.cfg.platform.clock_skew_s
-
-    def reject(self, rej: Rejected) -> None:
-        log.warning("command %s (%s) rejected: %s", rej.command_id, rej.type, rej.reason)
-        # what an unauthenticated sender chose is clipped, so that no record outgrows a batch
-        self.record_event("command_rejected", command_id=_clip(rej.command_id), type=_clip(rej.type),
-                          reason=_clip(rej.reason, 500))
-        if rej.command_id is not None:
-            self.reply(rej.command_id, False, error=rej.reason)
-
-    def reply(self, command_id: str, ok: bool, *, error: str | None = None, result: Any = None) -> None:
-        body = {"id": command_id, "ok": ok, "at": self.now_ts(), "error": error, "result": result if result else {}}
-        if self.link is not None:
-            self.link.publish(self.topic("cmd/reply"), canonical(body), qos=1)
-
     def _publish_batch(self, payload: bytes) -> int | None:
-        if self.link is None:
+        if self.ports.link is None:
             return None
-        return self.link.publish(self.topic("records"), payload, qos=1)
+        return self.ports.link.publish(self.topics.records, payload, qos=1)
 
     def _cmd_resend(self, cmd: Command) -> None:
         from_seq = cmd.args["from_seq"]
-        self.syncer.rewind(self.clock(), from_seq - 1)
+        self.syncer.rewind(self.clock.monotonic(), from_seq - 1)
         self.reply(cmd.id, True, result={"from_seq": from_seq, "last_seq": self.ledger.last_seq})
 
     def _cmd_set_lane(self, cmd: Command) -> None:
         lane, code, price = cmd.args["lane"], cmd.args["gtin"], cmd.args["price_cents"]
-        look = self.catalog.lookup(code, self.now_dt())
+        look = self.catalog.lookup(code, self.clock.now_dt())
         if not look.certified:
             raise Rejected(f"not_certified: {code} is not certified now ({look.reason})", cmd.id, cmd.type)
-        self.assign_lane(lane, look.gtin, price)
+        try:
+            self.assign_lane(lane, look.gtin, price)
+        except RecordFailed:
+            raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type) from None
         self.reply(cmd.id, True, result={"lane": lane, "gtin": look.gtin, "price_cents": price})
 
     def assign_lane(self, lane: str, gtin: str | None, price_cents: int | None) -> None:
+        """Put a product (and its price) into a lane; RecordFailed if the ledger refused it."""
         product = self.catalog.product(gtin) if gtin else None
         snapshot = json.dumps(product_dict(product)) if product else None
-        with self.ledger.transaction() as tx:
+        with self.recorder.transaction() as tx:
             tx.set_lane(lane, gtin=gtin, price_cents=price_cents, product=snapshot)
-        self.invalidate_alarms()
+        self.view.invalidate()
         self.publish_status()
 
-    def journal(self, session_id: str, **fields: Any) -> None:
-        try:
-            with self.ledger.transaction() as tx:
-                tx.update_session(session_id, **fields)
-        except Exception as exc:  # noqa: BLE001
-            self.ledger_failed(exc)
-
     # -- camera scans -----------------------------------------------------------------------------------
+    def wait_for_scan(self) -> Future[ScanSeen]:
+        """The next scan goes to the returned future (``cabinetctl restock`` without --code)."""
+        fut: Future[ScanSeen] = Future()
+        self.scan_waiters.append(fut)
+        return fut
+
     def _on_scan(self, scan: ScanSeen) -> None:
         consumed = False
         for fut in self.scan_waiters:
@@ -450,14 +393,15 @@ class Core:
                 fut.set_result(scan)
                 consumed = True
         self.scan_waiters.clear()
-        at = self.now_dt()
-        active = [m.session for m in self.doors.values() if m.session is not None and m.session.phase is Phase.OPEN]
+        at = self.clock.now_dt()
+        active = [m.session for m in self.state.doors.values()
+                  if m.session is not None and m.session.phase is Phase.OPEN]
         if scan.gtin is not None:
             for s in active:
                 if scan.gtin not in s.scans:
                     s.scans.append(scan.gtin)
-                    self.journal(s.session_id, scans=s.scans)
-        context = "session" if active else ("restock" if self.service_mode else "idle")
+                    self.recorder.journal(s.session_id, scans=s.scans)
+        context = "session" if active else ("restock" if self.state.service_mode else "idle")
         if consumed:
             return  # a waiting `cabinetctl restock` judges (and records) this scan itself
         gtin, bad = classify(scan.text, scan.symbology)
@@ -472,10 +416,10 @@ class Core:
         if context == "idle":
             # at most once per code per hour, also across restarts (kept beside the ledger)
             key = gtin or scan.text
-            if not self.ledger.idle_report_due(key, self.wall(), IDLE_REPORT_EVERY_S):
+            if not self.ledger.idle_report_due(key, self.clock.wall(), IDLE_REPORT_EVERY_S):
                 return
-        self.record_event("uncertified_scan", code=scan.text, gtin=gtin, symbology=scan.symbology,
-                          context=context, reason=reason)
+        self.recorder.event(EventKind.UNCERTIFIED_SCAN, code=scan.text, gtin=gtin, symbology=scan.symbology,
+                            context=context, reason=reason)
 
     # -- catalog -------------------------------------------------------------------------------------------
     def _on_catalog_outcome(self, out: CatalogOutcome) -> None:
@@ -488,57 +432,57 @@ class Core:
                     log.info("catalog version %s is stale again (already recorded)", err.version)
                     return
                 self._stale_reported.add(err.version)
-            self.record_event("catalog_rejected", version=err.version, reason=err.reason)
-            if err.reason == "base_mismatch" and self.link is not None:
-                self.link.resubscribe("cab/v1/catalog")
+            self.recorder.event(EventKind.CATALOG_REJECTED, version=err.version, reason=err.reason)
+            if err.reason == "base_mismatch" and self.ports.link is not None:
+                self.ports.link.resubscribe(self.topics.catalog_topics[0])
             return
         res = out.result
         if res.outcome == "same_version":
             return
-        self.record_event("catalog_installed", version=res.version, products=res.products, delta=res.delta)
-        self.invalidate_alarms()
+        self.recorder.event(EventKind.CATALOG_INSTALLED, version=res.version, products=res.products, delta=res.delta)
+        self.view.invalidate()
         self.publish_status(force=True)
 
-    # -- status (agent.status) -----------------------------------------------------------------------------
+    # -- status --------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return self.reporter.status()
+        return self.view.status()
 
     def publish_status(self, force: bool = False) -> None:
-        self.reporter.publish(force)
-
-    def invalidate_alarms(self) -> None:
-        self.reporter.invalidate()
+        """Publish on connect, on a change of doors, locks, mode or alarms, and every status_interval_s."""
+        link = self.ports.link
+        if link is None or not link.connected:
+            return
+        now = self.clock.monotonic()
+        key = self.view.change_key()
+        if not self.schedule.due(now, key, force):
+            return
+        if link.publish(self.topics.status, canonical(self.view.status()), qos=1, retain=True) is not None:
+            self.schedule.published(now, key)
 
     def offline_status(self) -> bytes:
-        return self.reporter.offline_status()
+        return self.view.offline_status()
 
     # -- housekeeping ------------------------------------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
-        offset = self.wall() - now
+        wall = self.clock.wall()
+        offset = wall - now
         if abs(offset - self._clock_offset) > CLOCK_JUMP_S:
-            self.record_event("clock_jump", delta_s=round(offset - self._clock_offset, 3))
+            self.recorder.event(EventKind.CLOCK_JUMP, delta_s=round(offset - self._clock_offset, 3))
         self._clock_offset = offset
         try:
-            with self.ledger.transaction() as tx:
-                tx.forget_commands_before(self.wall())
-        except Exception as exc:  # noqa: BLE001
-            self.ledger_failed(exc)
+            with self.recorder.transaction() as tx:
+                tx.forget_commands_before(wall)
+        except RecordFailed:
+            pass
         days = self.cfg.platform.retain_synced_days
-        cutoff = ts_from_epoch(self.wall() - days * 86400)
+        cutoff = ts_from_epoch(wall - days * 86400)
         try:
             pruned = self.ledger.prune_synced(cutoff)
             if pruned:
                 log.info("pruned %d synced records older than %s days", pruned, days)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - sqlite3 errors, disk full
             log.warning("pruning failed: %s", exc)
-        if not self.ledger_ok:
-            try:
-                self.ledger.execute("SELECT 1").fetchone()
-                with self.ledger.transaction():
-                    pass
-                self.ledger_ok = True
-            except Exception:  # noqa: BLE001
-                pass
+        self.recorder.recheck()
 
 
 def _clip(text: str | None, limit: int = 200) -> str | None:

@@ -28,7 +28,7 @@ from agent.control import ControlServer
 from agent.core import Core
 from agent.errors import AgentError
 from agent.devices import LockboardThread, ScaleThread
-from agent.events import DeviceFault, DeviceRecovered, ScanSeen
+from agent.events import DeviceFault, DeviceKind, DeviceRecovered, ScanSeen
 from agent.mqtt_link import MqttLink
 from agent.control_handlers import Operator
 
@@ -83,21 +83,24 @@ class Daemon:
         if not cfg.doors:
             log.warning("no [[doors]] configured: this cabinet cannot run shopping sessions")
         core.start()
-        core.catalog_worker = CatalogWorker(core.catalog, core.post)
-        core.catalog_worker.start()
-        core.lockboard = LockboardThread(
+        self.catalog_worker = CatalogWorker(core.catalog, core.post)
+        core.ports.catalog = self.catalog_worker
+        self.catalog_worker.start()
+        self.lockboard = LockboardThread(
             cfg.lockboard.port, cfg.lockboard.baudrate, cfg.lockboard.address, cfg.lockboard.feedback_open,
             cfg.lockboard.reply_timeout_s, cfg.lockboard.poll_interval_s, cfg.lockboard.fault_after, core.post)
-        core.lockboard.start()
+        core.ports.lockboard = self.lockboard
+        self.lockboard.start()
         self.scales = ScaleThread(
             cfg.scale.port, cfg.scale.baudrate, [ln.channel for ln in cfg.lanes], cfg.scale.settle_s,
             cfg.scale.reply_timeout_s, cfg.scale.fault_after, core.post)
         self.scales.start()
         self.camera = self._start_camera()
-        core.link = MqttLink(cfg.platform, cfg.cabinet.id, core.inbox, core.subscriptions(),
-                             will=core.offline_status(), will_topic=core.topic("status"))
-        core.link.start()
-        self.control = ControlServer(cfg.cabinet.control_socket, Operator(core).handle)
+        self.link = MqttLink(cfg.platform, cfg.cabinet.id, core.inbox, core.topics.subscriptions(),
+                             will=core.offline_status(), will_topic=core.topics.status)
+        core.ports.link = self.link
+        self.link.start()
+        self.control = ControlServer(cfg.cabinet.control_socket, Operator(core, self.catalog_worker).handle)
         self.control.start()
 
     def _start_camera(self) -> Any:
@@ -110,8 +113,8 @@ class Daemon:
         scanner = CameraScanner(
             source, self.cfg.camera.fps,
             on_scan=lambda s: core.post(ScanSeen(s.symbology, s.text, s.gtin)),
-            on_fault=lambda detail: core.post(DeviceFault("camera", None, detail)),
-            on_recovered=lambda: core.post(DeviceRecovered("camera", None)),
+            on_fault=lambda detail: core.post(DeviceFault(DeviceKind.CAMERA, None, detail)),
+            on_recovered=lambda: core.post(DeviceRecovered(DeviceKind.CAMERA, None)),
         )
         scanner.start()
         return scanner
@@ -141,17 +144,17 @@ class Daemon:
         on MQTT (commands not yet received stay queued in our broker session for the next
         start), stop the devices, then the core (it flushes and closes the ledger)."""
         core = self.core
-        core.stopping = True
+        core.state.stopping = True
         self.control.stop()
         deadline = time.monotonic() + self.cfg.scale.settle_s + 3.0
         while core_thread.is_alive() and core.settling() and time.monotonic() < deadline:
             time.sleep(0.05)
-        core.link.stop(last_words=(core.topic("status"), core.offline_status()))
+        self.link.stop(last_words=(core.topics.status, core.offline_status()))
         if self.camera is not None:
             self.camera.stop()
-        core.lockboard.stop()
+        self.lockboard.stop()
         self.scales.stop()
-        core.catalog_worker.stop()
+        self.catalog_worker.stop()
         core.stop()
         core_thread.join(10)
         log.info("stopped")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.events import ChannelState, DeviceFault, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
+from agent.events import ChannelState, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
 from drivers.errors import DriverError
 from drivers.lockboard.client import LockBoardClient
 from drivers.scales.client import ScaleClient
@@ -106,12 +106,12 @@ class LockboardThread(threading.Thread):
             states = self.client.query_all()
         except DriverError as exc:
             if self.faults.fail():
-                self.post(DeviceFault("lockboard", self.address, str(exc)))
+                self.post(DeviceFault(DeviceKind.LOCKBOARD, self.address, str(exc)))
             if self.faults.faulted:
                 self.post(DoorFeedback(None, self.clock()))
             return
         if self.faults.ok():
-            self.post(DeviceRecovered("lockboard", self.address))
+            self.post(DeviceRecovered(DeviceKind.LOCKBOARD, self.address))
         self.post(DoorFeedback(states, self.clock()))
 
 
@@ -156,13 +156,13 @@ class ScaleThread(threading.Thread):
             except DriverError as exc:
                 self.windows[ch].reset()
                 if counter.fail():
-                    self.post(DeviceFault("scale", ch, str(exc)))
+                    self.post(DeviceFault(DeviceKind.SCALE, ch, str(exc)))
                 if counter.faulted:
                     self.last[ch] = None
                 out[ch] = ChannelState(self.last[ch], False)
                 continue
             if counter.ok():
-                self.post(DeviceRecovered("scale", ch))
+                self.post(DeviceRecovered(DeviceKind.SCALE, ch))
             now = self.clock()
             self.windows[ch].add(now, reading.gross_g, reading.motion, reading.division_g)
             self.last[ch] = reading.gross_g

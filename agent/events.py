@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,14 @@ class ScanSeen:
 
 
 # -- devices ----------------------------------------------------------------------------------
+class DeviceKind(enum.StrEnum):
+    """The devices that can fault; the values are mqtt.md's ``hardware_recovered.device``."""
+
+    LOCKBOARD = "lockboard"
+    SCALE = "scale"
+    CAMERA = "camera"
+
+
 @dataclass(frozen=True)
 class DoorFeedback:
     """Raw feedback per lock (True = contact open), or None when the board did not answer."""
@@ -57,14 +66,14 @@ class UnlockDone:
 
 @dataclass(frozen=True)
 class DeviceFault:
-    device: str          # lockboard | scale | camera
+    device: DeviceKind
     unit: int | None     # board address or scale channel
     detail: str
 
 
 @dataclass(frozen=True)
 class DeviceRecovered:
-    device: str
+    device: DeviceKind
     unit: int | None
 
 

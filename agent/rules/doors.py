@@ -16,6 +16,10 @@ import enum
 from dataclasses import dataclass, field
 
 
+class DoorBusy(Exception):
+    """A session was begun on a door that already has one (a bug in the caller)."""
+
+
 class Phase(enum.Enum):
     WAIT_OPEN = "unlocked"       # pulse sent, door not yet pulled open
     OPEN = "open"                # shopper has the door open
@@ -115,7 +119,7 @@ class DoorMachine:
     # -- inputs from the shell ------------------------------------------------------------
     def begin(self, session: ActiveSession) -> None:
         if self.session is not None:
-            raise RuntimeError(f"door {self.door} already has session {self.session.session_id}")
+            raise DoorBusy(f"door {self.door} already has session {self.session.session_id}")
         self.session = session
         self.last_pulse_at = session.unlock_at
 
@@ -134,6 +138,16 @@ class DoorMachine:
 
     def _in_pulse(self, now: float) -> bool:
         return self.last_pulse_at is not None and now - self.last_pulse_at <= self.timing.ambiguous_s
+
+    def reported(self, now: float, feedback_open: bool | None) -> tuple[bool | None, bool | None]:
+        """(open, locked) as the status reports the door: unknown while the board is silent;
+        a feedback "open" right after a pulse may only be the released latch, so it is not
+        reported as an open door until the machine has decided so."""
+        if feedback_open is None:
+            return None, None
+        if not feedback_open:
+            return False, True
+        return (not self._in_pulse(now) and bool(self.is_open)), False
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, now: float, wall: float, feedback_open: bool | None, lanes_stable: bool) -> list[Action]:
