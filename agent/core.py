@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import sqlite3
 import threading
+import time
 import zoneinfo
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
 from agent.clock import Clock
 from agent.config import Config
+from agent.errors import CatalogError
 from agent.events import (CatalogOutcome, ControlCall, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback,
-                          Inbound, LinkDown, LinkUp, PublishFailed, ScaleCycle, ScanSeen, UnlockDone)
+                          Inbound, LinkDown, LinkUp, LockProbed, PublishFailed, ScaleCycle, ScanSeen, UnlockDone)
 from agent.ports import Ports
 from agent.protocol import CLOCK_JUMP_S, Alarm, EventKind, Topics, canonical, load_public_key, ts_from_epoch
 from agent.recorder import Recorder, RecordFailed
@@ -43,6 +50,10 @@ TICK_S = 0.05
 IDLE_REPORT_EVERY_S = 3600.0   # an uncertified code shown to an idle cabinet is reported once an hour
 ACK_FLUSH_S = 1.0
 HOUSEKEEPING_S = 10.0
+# Seen command ids are kept this long past their expiry, and purged by a time that a forward
+# jump of the wall clock cannot advance: a clock set back later must not make a captured
+# command valid again while its id is forgotten.
+SEEN_EXTRA_S = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,8 @@ _DEVICES: dict[DeviceKind, _DeviceRules] = {
 
 class Core:
     def __init__(self, cfg: Config, *, ports: Ports | None = None, clock: Clock | None = None,
-                 inbox: queue.Queue[Any] | None = None) -> None:
+                 inbox: queue.Queue[Any] | None = None, heartbeat: Callable[[], None] | None = None,
+                 heartbeat_s: float = 10.0) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.cabinet.id)
         self.clock = clock or Clock()
@@ -73,7 +85,7 @@ class Core:
         self.key = load_public_key(cfg.platform.public_key)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(cfg.data_dir / "ledger.db")
-        self.catalog = CatalogStore(cfg.data_dir / "catalog.db", self.key, cfg.cabinet.timezone)
+        self.catalog = open_catalog_cache(cfg.data_dir / "catalog.db", self.key, cfg.cabinet.timezone)
         timing = Timing(cfg.lockboard.latch_release_s, cfg.session.open_timeout_s,
                         cfg.session.door_open_alarm_s, cfg.scale.settle_s)
         self.state = CabinetState(cfg, timing)
@@ -90,8 +102,13 @@ class Core:
         self._last_housekeeping = -1e9
         self._last_ack_flush = -1e9
         self._clock_offset = self.clock.wall() - self.clock.monotonic()
+        self._trusted_offset = self._clock_offset   # wall time as the monotonic clock has carried it
         self._stopping = threading.Event()
         self._stale_reported: set[int | None] = set()
+        self._heartbeat = heartbeat
+        self._heartbeat_s = heartbeat_s
+        self._last_beat = -1e9
+        self.finished = False
 
     # -- startup -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,11 +131,11 @@ class Core:
             log.warning("resuming session %s on door %d in phase %s (no second unlock)", session.session_id,
                         session.door, phase.value)
         lane_rows = self.ledger.lane_rows()
-        for name in self.state.lanes:
-            if name not in lane_rows:
-                with self.ledger.transaction() as tx:
+        missing = [name for name in self.state.lanes if name not in lane_rows]
+        if missing:
+            with self.ledger.transaction() as tx:
+                for name in missing:
                     tx.set_lane(name, tare_g=0.0)
-        self.recorder.event(EventKind.AGENT_STARTED, version=__version__)
         if self.state.ledger_corrupt:
             log.error("ledger_corrupt: the database was rolled back")
         else:
@@ -126,6 +143,10 @@ class Core:
             if bad is not None:
                 self.state.ledger_corrupt = True
                 log.error("ledger_corrupt: %s", why)
+
+    def record_started(self) -> None:
+        """``agent_started``: every part runs (mqtt.md v1.1: a start that fails records nothing)."""
+        self.recorder.event(EventKind.AGENT_STARTED, version=__version__)
 
     # -- main loop ------------------------------------------------------------------------------------
     def post(self, item: Any) -> None:
@@ -156,7 +177,18 @@ class Core:
                 self.step()
             except Exception:  # noqa: BLE001
                 log.exception("error in the core step")
+            else:
+                self._beat()
         self.finish()
+
+    def _beat(self) -> None:
+        """The watchdog is fed from here only: a core loop that stalls or keeps failing starves it."""
+        if self._heartbeat is None:
+            return
+        now = self.clock.monotonic()
+        if now - self._last_beat >= self._heartbeat_s:
+            self._last_beat = now
+            self._heartbeat()
 
     def settling(self) -> bool:
         """A session is past its door and only waits for the scales (read from another thread)."""
@@ -164,6 +196,9 @@ class Core:
 
     def finish(self) -> None:
         """SIGTERM: a running session stays journaled and resumes at the next start."""
+        if self.finished:
+            return
+        self.finished = True
         for machine in self.state.doors.values():
             if machine.session is not None:
                 log.warning("stopping with session %s open; it resumes at the next start", machine.session.session_id)
@@ -177,6 +212,8 @@ class Core:
             self._on_scales(item)
         elif isinstance(item, UnlockDone):
             self._on_unlock_done(item)
+        elif isinstance(item, LockProbed):
+            self.sessions.on_lock_probed(item.ok)
         elif isinstance(item, Inbound):
             self._on_inbound(item)
         elif isinstance(item, LinkUp):
@@ -240,6 +277,10 @@ class Core:
         if self.ports.lockboard is not None:
             self.ports.lockboard.unlock(self.state.lock_of[door], token)
 
+    def probe_lockboard(self) -> None:
+        if self.ports.lockboard is not None:
+            self.ports.lockboard.probe()
+
     def status_changed(self) -> None:
         self.publish_status()
 
@@ -279,6 +320,9 @@ class Core:
         unit = {rules.unit_field: item.unit} if rules.unit_field else {}
         if isinstance(item, DeviceFault):
             self.state.faults.add(alarm)
+            if item.device == DeviceKind.LOCKBOARD:
+                # a silent board's doors are unknown, not as they were last seen
+                self.state.feedback = dict.fromkeys(self.state.feedback)
             self.recorder.event(rules.fault_event, **unit, detail=item.detail)
         else:
             self.state.faults.discard(alarm)
@@ -469,9 +513,10 @@ class Core:
         if abs(offset - self._clock_offset) > CLOCK_JUMP_S:
             self.recorder.event(EventKind.CLOCK_JUMP, delta_s=round(offset - self._clock_offset, 3))
         self._clock_offset = offset
+        trusted = min(wall, now + self._trusted_offset)
         try:
             with self.recorder.transaction() as tx:
-                tx.forget_commands_before(wall)
+                tx.forget_commands_before(trusted - SEEN_EXTRA_S)
         except RecordFailed:
             pass
         days = self.cfg.platform.retain_synced_days
@@ -483,6 +528,22 @@ class Core:
         except Exception as exc:  # noqa: BLE001 - sqlite3 errors, disk full
             log.warning("pruning failed: %s", exc)
         self.recorder.recheck()
+
+
+def open_catalog_cache(path: Path, key: Ed25519PublicKey, timezone: str) -> CatalogStore:
+    """The catalog is only a cache of signed documents: one that cannot be opened is moved aside
+    (kept for a post-mortem) and rebuilt empty; the retained snapshot refills it."""
+    try:
+        return CatalogStore(path, key, timezone)
+    except (CatalogError, sqlite3.DatabaseError) as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.error("catalog cache %s cannot be used (%s); moved to %s, starting with an empty catalog", path,
+                  exc, aside)
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if part.exists():
+                os.replace(part, aside.with_name(aside.name + suffix))
+        return CatalogStore(path, key, timezone)
 
 
 def _clip(text: str | None, limit: int = 200) -> str | None:

@@ -17,8 +17,10 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -71,42 +73,74 @@ def instance_lock(path: Path) -> TextIO:
     return fh
 
 
-class Daemon:
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self._lock = instance_lock(cfg.data_dir / "agent.lock")
-        self.core = Core(cfg)
-        self.threads: list[Any] = []
+class StartFailed(AgentError):
+    """A start that cannot complete; the message is the one line the operator sees."""
 
-    def start(self) -> None:
+
+class Daemon:
+    """Owns every thread of a running cabinet; ``run_forever`` is ``cabinet-agent run``."""
+
+    def __init__(self, cfg: Config, stop: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.stop_requested = stop or threading.Event()
+        self._lock = instance_lock(cfg.data_dir / "agent.lock")
+        self.core = Core(cfg, heartbeat=_watchdog(), heartbeat_s=watchdog_interval_s() or 10.0)
+        self.catalog_worker: CatalogWorker | None = None
+        self.lockboard: LockboardThread | None = None
+        self.scales: ScaleThread | None = None
+        self.camera: Any = None
+        self.link: MqttLink | None = None
+        self.control: ControlServer | None = None
+
+    def start(self) -> bool:
+        """Start every part; False when a stop was asked for meanwhile (what started is stopped
+        again). A part that cannot start raises StartFailed after stopping the others, and
+        nothing is recorded: ``agent_started`` is written only once everything runs."""
+        try:
+            return self._start()
+        except (AgentError, OSError, ValueError, ssl.SSLError) as exc:
+            self._stop_parts()
+            self.core.finish()
+            raise StartFailed(_one_line(exc)) from None
+
+    def _start(self) -> bool:
         cfg, core = self.cfg, self.core
         if not cfg.doors:
             log.warning("no [[doors]] configured: this cabinet cannot run shopping sessions")
         core.start()
-        self.catalog_worker = CatalogWorker(core.catalog, core.post)
-        core.ports.catalog = self.catalog_worker
-        self.catalog_worker.start()
-        self.lockboard = LockboardThread(
-            cfg.lockboard.port, cfg.lockboard.baudrate, cfg.lockboard.address, cfg.lockboard.feedback_open,
-            cfg.lockboard.reply_timeout_s, cfg.lockboard.poll_interval_s, cfg.lockboard.fault_after, core.post)
-        core.ports.lockboard = self.lockboard
-        self.lockboard.start()
-        self.scales = ScaleThread(
-            cfg.scale.port, cfg.scale.baudrate, [ln.channel for ln in cfg.lanes], cfg.scale.settle_s,
-            cfg.scale.reply_timeout_s, cfg.scale.fault_after, core.post)
-        self.scales.start()
-        self.camera = self._start_camera()
-        self.link = MqttLink(cfg.platform, cfg.cabinet.id, core.inbox, core.topics.subscriptions(),
-                             will=core.offline_status(), will_topic=core.topics.status)
-        core.ports.link = self.link
-        self.link.start()
-        self.control = ControlServer(cfg.cabinet.control_socket, Operator(core, self.catalog_worker).handle)
-        self.control.start()
+        steps = (self._start_catalog, self._start_lockboard, self._start_scales, self._start_camera,
+                 self._start_link, self._start_control)
+        for step in steps:
+            if self.stop_requested.is_set():
+                self._stop_parts()
+                core.finish()
+                return False
+            step()
+        core.record_started()
+        return True
 
-    def _start_camera(self) -> Any:
+    def _start_catalog(self) -> None:
+        self.catalog_worker = CatalogWorker(self.core.catalog, self.core.post)
+        self.core.ports.catalog = self.catalog_worker
+        self.catalog_worker.start()
+
+    def _start_lockboard(self) -> None:
+        lb = self.cfg.lockboard
+        self.lockboard = LockboardThread(lb.port, lb.baudrate, lb.address, lb.feedback_open, lb.reply_timeout_s,
+                                         lb.poll_interval_s, lb.fault_after, self.core.post)
+        self.core.ports.lockboard = self.lockboard
+        self.lockboard.start()
+
+    def _start_scales(self) -> None:
+        sc = self.cfg.scale
+        self.scales = ScaleThread(sc.port, sc.baudrate, [ln.channel for ln in self.cfg.lanes], sc.settle_s,
+                                  sc.reply_timeout_s, sc.fault_after, self.core.post)
+        self.scales.start()
+
+    def _start_camera(self) -> None:
         source = self.cfg.camera.source
         if not source:
-            return None
+            return
         from drivers.camera.scanner import CameraScanner
 
         core = self.core
@@ -117,27 +151,41 @@ class Daemon:
             on_recovered=lambda: core.post(DeviceRecovered(DeviceKind.CAMERA, None)),
         )
         scanner.start()
-        return scanner
+        self.camera = scanner
+
+    def _start_link(self) -> None:
+        core = self.core
+        self.link = MqttLink(self.cfg.platform, self.cfg.cabinet.id, core.inbox, core.topics.subscriptions(),
+                             will=core.offline_status(), will_topic=core.topics.status)
+        core.ports.link = self.link
+        self.link.start()
+
+    def _start_control(self) -> None:
+        assert self.catalog_worker is not None
+        self.control = ControlServer(self.cfg.cabinet.control_socket, Operator(self.core, self.catalog_worker).handle)
+        self.control.start()
 
     def run_forever(self) -> int:
-        stop = threading.Event()
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            log.info("signal %d: stopping", signum)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        self.start()
+        """Run until SIGTERM/SIGINT (exit 0) or until the core thread dies (exit 1)."""
+        stop = self.stop_requested
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, _frame: _signalled(stop, signum))
+            signal.signal(signal.SIGINT, lambda signum, _frame: _signalled(stop, signum))
+        if not self.start():
+            log.info("stopped while starting")
+            return 0
         core_thread = threading.Thread(target=self.core.run, name="core")
         core_thread.start()
         sd_notify("READY=1\nSTATUS=running")
         log.info("cabinet %s running", self.cfg.cabinet.id)
         while not stop.is_set() and core_thread.is_alive():
             stop.wait(1.0)
+        died = not core_thread.is_alive()
+        if died:
+            log.error("the core thread died; stopping so that systemd restarts the agent")
         sd_notify("STOPPING=1")
         self.shutdown(core_thread)
-        return 0
+        return 1 if died else 0
 
     def shutdown(self, core_thread: threading.Thread) -> None:
         """Refuse new sessions, let a session whose door is shut record its sale, say goodbye
@@ -145,16 +193,63 @@ class Daemon:
         start), stop the devices, then the core (it flushes and closes the ledger)."""
         core = self.core
         core.state.stopping = True
-        self.control.stop()
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
         deadline = time.monotonic() + self.cfg.scale.settle_s + 3.0
         while core_thread.is_alive() and core.settling() and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.link.stop(last_words=(core.topics.status, core.offline_status()))
-        if self.camera is not None:
-            self.camera.stop()
-        self.lockboard.stop()
-        self.scales.stop()
-        self.catalog_worker.stop()
+        if self.link is not None:
+            self.link.stop(last_words=(core.topics.status, core.offline_status()))
+            self.link = None
+        self._stop_parts()
         core.stop()
         core_thread.join(10)
+        if core_thread.is_alive():
+            log.error("the core thread did not stop in time")
+        elif not core.finished:
+            core.finish()
         log.info("stopped")
+
+    def _stop_parts(self) -> None:
+        """Stop whatever was started, in reverse order; each at most once."""
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+        for name in ("camera", "scales", "lockboard", "catalog_worker"):
+            part = getattr(self, name)
+            if part is not None:
+                part.stop()
+                setattr(self, name, None)
+
+
+def _signalled(stop: threading.Event, signum: int) -> None:
+    log.info("signal %d: stopping", signum)
+    stop.set()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.strerror or text}: {exc.filename}"
+    return text
+
+
+def _watchdog() -> Callable[[], None] | None:
+    """systemd's watchdog (``WatchdogSec=``): the core loop calls this while it is healthy."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return lambda: sd_notify("WATCHDOG=1")
+
+
+def watchdog_interval_s() -> float | None:
+    """Half the watchdog period, as sd_watchdog_enabled(3) advises."""
+    try:
+        return int(os.environ["WATCHDOG_USEC"]) / 2e6
+    except (KeyError, ValueError):
+        return None

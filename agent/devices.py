@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.events import ChannelState, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback, ScaleCycle, UnlockDone
+from agent.events import (ChannelState, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback, LockProbed, ScaleCycle,
+                          UnlockDone)
 from drivers.errors import DriverError
 from drivers.lockboard.client import LockBoardClient
 from drivers.scales.client import ScaleClient
@@ -48,6 +49,9 @@ class _FaultCounter:
         return False
 
 
+_PROBE = (0, "")
+
+
 class LockboardThread(threading.Thread):
     def __init__(self, port: str, baudrate: int, address: int, feedback_open: int, reply_timeout_s: float,
                  poll_interval_s: float, fault_after: int, post: Callable[[Any], None],
@@ -60,12 +64,17 @@ class LockboardThread(threading.Thread):
         self.post = post
         self.clock = clock
         self.faults = _FaultCounter(fault_after)
-        self._requests: queue.Queue[tuple[int, str] | None] = queue.Queue()
+        self._requests: queue.Queue[tuple[int, str] | None] = queue.Queue()   # (0, "") asks for a probe
         self._stopping = threading.Event()
 
     def unlock(self, lock: int, token: str) -> None:
         """Queue an unlock; the result comes back to the core as UnlockDone."""
         self._requests.put((lock, token))
+
+    def probe(self) -> None:
+        """Query the board now, between polls; the answer comes back as LockProbed (and, if the
+        board was faulted and answers, DeviceRecovered first)."""
+        self._requests.put(_PROBE)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -83,7 +92,9 @@ class LockboardThread(threading.Thread):
             if self._stopping.is_set():
                 break
             try:
-                if req is not None:
+                if req == _PROBE:
+                    self.post(LockProbed(self._poll(), self.clock()))
+                elif req is not None:
                     self._unlock(*req)
                 if self.clock() >= next_poll:
                     next_poll = self.clock() + self.poll_interval_s
@@ -101,7 +112,7 @@ class LockboardThread(threading.Thread):
         log.info("lock %d unlocked", lock)
         self.post(UnlockDone(lock, token, True, self.clock()))
 
-    def _poll(self) -> None:
+    def _poll(self) -> bool:
         try:
             states = self.client.query_all()
         except DriverError as exc:
@@ -109,10 +120,11 @@ class LockboardThread(threading.Thread):
                 self.post(DeviceFault(DeviceKind.LOCKBOARD, self.address, str(exc)))
             if self.faults.faulted:
                 self.post(DoorFeedback(None, self.clock()))
-            return
+            return False
         if self.faults.ok():
             self.post(DeviceRecovered(DeviceKind.LOCKBOARD, self.address))
         self.post(DoorFeedback(states, self.clock()))
+        return True
 
 
 class ScaleThread(threading.Thread):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import CatalogError
+from agent.mqtt_acks import AckToken
 
 
 @dataclass
@@ -65,6 +66,14 @@ class UnlockDone:
 
 
 @dataclass(frozen=True)
+class LockProbed:
+    """The answer to an extra query of a faulted lock board (sessions rule 8)."""
+
+    ok: bool
+    at: float
+
+
+@dataclass(frozen=True)
 class DeviceFault:
     device: DeviceKind
     unit: int | None     # board address or scale channel
@@ -102,8 +111,12 @@ class LinkDown:
 
 @dataclass(frozen=True)
 class Inbound:
+    """A message from the platform. ``ack`` is set when its owner must acknowledge it
+    (``link.ack(msg)`` once its outcome is committed); None when the link already did."""
+
     topic: str
     payload: bytes
+    ack: AckToken | None = None
 
 
 @dataclass(frozen=True)

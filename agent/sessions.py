@@ -18,7 +18,7 @@ from agent.clock import Clock
 from agent.config import Config
 from agent.events import UnlockDone
 from agent.ports import Outbox
-from agent.protocol import EventKind, RecordType
+from agent.protocol import Alarm, EventKind, RecordType
 from agent.recorder import Recorder, RecordConflict, RecordFailed
 from agent.rules.commands import Command, Rejected
 from agent.rules.doors import (Action, ActiveSession, Closed, DoorForced, DoorMachine, LeftOpen, LeftOpenCleared,
@@ -32,10 +32,14 @@ log = logging.getLogger(__name__)
 BASELINE_WAIT_S = 3.0   # an open_door may wait this long (at least 2 x settle_s) for a known door and stable lanes
 
 
+PROBE_WAIT_S = 2.0      # rule 8: how long an open_door waits for the extra query of a faulted lock board
+
+
 @dataclass
 class PendingOpen:
     command: Command
     deadline: float
+    probing: bool = False   # waits for the answer to a query of the faulted lock board (rule 8)
 
 
 class SessionRunner:
@@ -58,19 +62,27 @@ class SessionRunner:
     def open_door(self, cmd: Command) -> None:
         """Start a session, or wait briefly for a known door and stable lanes; Rejected if not allowed."""
         door = cmd.args["door"]
-        self._check_can_open(cmd, door)
+        self._check_can_open(cmd, door, probe_ok=True)
         if door in self.pending_open:
             raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
-        if not self.state.door_ready(door):
+        probing = self.state.lock_faulted
+        if probing or not self.state.door_ready(door):
             if not self.recorder.remember_command(cmd.id, self.seen_until(cmd)):
                 raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type)
-            wait_s = max(BASELINE_WAIT_S, 2 * self.cfg.scale.settle_s)
-            self.pending_open[door] = PendingOpen(cmd, self.clock.monotonic() + wait_s)
-            log.info("open_door %s waits for stable lanes behind door %d", cmd.id, door)
+            if probing:
+                # Rule 8: a fault that is already over must not turn the shopper away: ask the board.
+                wait_s = PROBE_WAIT_S
+                self.outbox.probe_lockboard()
+                log.info("open_door %s: the lock board is marked faulty, asking it once more", cmd.id)
+            else:
+                wait_s = max(BASELINE_WAIT_S, 2 * self.cfg.scale.settle_s)
+                log.info("open_door %s waits for stable lanes behind door %d", cmd.id, door)
+            self.pending_open[door] = PendingOpen(cmd, self.clock.monotonic() + wait_s, probing)
             return
         self._start_session(cmd)
 
-    def _check_can_open(self, cmd: Command, door: int) -> None:
+    def _check_can_open(self, cmd: Command, door: int, probe_ok: bool = False) -> None:
+        """Rejected unless a session may start now (``probe_ok``: a lock fault is checked by a probe)."""
         st = self.state
         if st.stopping:
             raise Rejected("not_allowed: the agent is shutting down", cmd.id, cmd.type)
@@ -79,8 +91,10 @@ class SessionRunner:
         if st.doors[door].busy:
             raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
         if not self.recorder.writable:
+            self.recorder.recheck()   # a transient error must not refuse sessions until housekeeping
+        if not self.recorder.writable:
             raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type)
-        if st.lock_faulted:
+        if st.lock_faulted and not probe_ok:
             raise Rejected("not_allowed: the lock board is not answering", cmd.id, cmd.type)
         lane = st.faulted_lane(door)
         if lane is not None:
@@ -89,6 +103,16 @@ class SessionRunner:
     def retry_pending(self, now: float) -> None:
         """Start the sessions that waited for their door, or refuse them past their deadline."""
         for door, pending in list(self.pending_open.items()):
+            if pending.probing and self.state.lock_faulted:
+                if now > pending.deadline:
+                    del self.pending_open[door]
+                    self.outbox.reject(Rejected("not_allowed: the lock board is not answering",
+                                                pending.command.id, "open_door"))
+                continue
+            if pending.probing:
+                # the board answered: from here on it waits for the door's state and stable lanes
+                pending.probing = False
+                pending.deadline = now + max(BASELINE_WAIT_S, 2 * self.cfg.scale.settle_s)
             if self.state.door_ready(door):
                 del self.pending_open[door]
                 try:
@@ -126,6 +150,16 @@ class SessionRunner:
         log.info("session %s: door %d unlocking (baseline %s)", session.session_id, door, baseline)
         log.debug("session %s: shopper %s", session.session_id, session.shopper)
         self.outbox.status_changed()
+
+    def on_lock_probed(self, ok: bool) -> None:
+        """The faulted lock board was asked once more (rule 8): refuse who waited for it if silent."""
+        if ok:
+            return
+        for door, pending in list(self.pending_open.items()):
+            if pending.probing:
+                del self.pending_open[door]
+                self.outbox.reject(Rejected("not_allowed: the lock board is not answering",
+                                            pending.command.id, "open_door"))
 
     # -- the unlock's outcome -----------------------------------------------------------------------
     def on_unlock_done(self, done: UnlockDone) -> None:
@@ -175,8 +209,13 @@ class SessionRunner:
         for view in self.state.lanes_of(machine.door) if weigh else []:
             base = baseline.get(view.name)
             current = self.state.lane_weight(view.name, rows)
+            if Alarm.scale_fault(view.channel) in self.state.faults:
+                current = None   # rule 9: never weighed from stale or bad readings
             if base is None or current is None:
-                continue
+                if timed_out:
+                    continue     # the door was never opened: nothing to review
+                log.warning("session %s: lane %s could not be weighed; recorded for review", s.session_id,
+                            view.name)
             changes.append(self._lane_change(view.name, rows.get(view.name, {}), base, current, at))
         result = reconcile(changes, s.scans)
         wall = self.clock.wall()
@@ -205,7 +244,7 @@ class SessionRunner:
         log.info("session %s ended: %s %s", s.session_id, outcome,
                  f"total {result.total_cents} cents" if not result.empty else "")
 
-    def _lane_change(self, lane: str, row: dict[str, Any], base: float, current: float,
+    def _lane_change(self, lane: str, row: dict[str, Any], base: float | None, current: float | None,
                      at: dt.datetime) -> LaneChange:
         gtin = row.get("gtin")
         product = self.catalog.product(gtin) if gtin else None

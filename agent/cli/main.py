@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from typing import Any
 
 from agent import __version__
-from agent.config import config_path, load_config
-from agent.errors import AgentError, ConfigError, LedgerError
+from agent.errors import AgentError, ConfigError
 
 
 def _setup_logging(level: str) -> None:
@@ -16,7 +18,23 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT set the returned event, from the first moment of ``run`` on: a signal that
+    arrives while the daemon is still starting stops it cleanly with exit 0 (operations.md v1.1)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger("agent.daemon").info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()
+    from agent.config import config_path, load_config   # heavy imports after the handlers
     from agent.daemon import Daemon
 
     _setup_logging(args.log_level)
@@ -26,18 +44,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
+    if stop.is_set():
+        return 0
     try:
-        daemon = Daemon(cfg)
-    except (LedgerError, AgentError) as exc:
+        daemon = Daemon(cfg, stop)
+    except AgentError as exc:  # the ledger, the catalog cache, another daemon on data_dir
         print(f"cabinet-agent: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"cabinet-agent: cannot use {cfg.cabinet.data_dir}: {exc}", file=sys.stderr)
         return 1
-    return daemon.run_forever()
+    try:
+        return daemon.run_forever()
+    except AgentError as exc:  # a start that fails says why in one line (operations.md)
+        print(f"cabinet-agent: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config import config_path, load_config
+
     path = config_path(args.config)
     try:
         load_config(path)

@@ -2,11 +2,15 @@
 
 Pure code: no clock, no I/O. A lane's change against the session baseline becomes an item
 when it exceeds the lane's tolerance; the count is the rounded number of units and the
-flags say what a person should review.
+flags say what a person should review. The tolerance for ``qty`` units grows with the square
+root of ``qty`` (v1.1: unit weights vary independently). A lane that could not be weighed
+(its transmitter faulted, rule 9) is an item with ``qty`` 0, ``weight_g`` null and
+``weight_mismatch``, so the platform reviews it instead of never hearing of it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +24,8 @@ class LaneChange:
     """What is known about one lane at settle time."""
 
     lane: str
-    baseline_g: float
-    current_g: float
+    baseline_g: float | None
+    current_g: float | None   # None: no stable reading could be had (rule 9)
     gtin: str | None = None
     name: str | None = None
     cert_id: str | None = None
@@ -42,25 +46,38 @@ class Reconciled:
         return not self.items
 
 
+def tolerance_for(tolerance_g: float, qty: int) -> float:
+    """Sessions rule 5 (v1.1): the tolerance of a sum of ``qty`` units."""
+    return tolerance_g * math.sqrt(max(1, qty))
+
+
 def reconcile_lane(lane: LaneChange) -> dict[str, Any] | None:
     """The sale item of one lane, or None when its change is within tolerance."""
+    if lane.current_g is None or lane.baseline_g is None:
+        return _item(lane, 0, None, ["weight_mismatch"])
     delta = round(lane.current_g - lane.baseline_g, 3)
     flags: list[str] = []
-    has_product = lane.gtin is not None and lane.unit_weight_g is not None and lane.unit_weight_g > 0
-    tol = lane.tolerance_g if has_product and lane.tolerance_g is not None else NO_PRODUCT_TOLERANCE_G
+    unit = lane.unit_weight_g if lane.gtin is not None and lane.unit_weight_g and lane.unit_weight_g > 0 else None
+    tol = lane.tolerance_g if unit is not None and lane.tolerance_g is not None else NO_PRODUCT_TOLERANCE_G
     if abs(delta) <= tol:
         return None
     qty = 0
-    if not has_product:
+    if unit is None:
         flags.append("no_product")
     if delta > tol:
         flags.append("item_added")
-    elif has_product:
-        assert lane.unit_weight_g is not None
+    elif unit is not None:
         taken = -delta
-        qty = round(taken / lane.unit_weight_g)
-        if abs(taken - qty * lane.unit_weight_g) > tol * max(1, qty):
+        qty = round(taken / unit)
+        qty_tol = tolerance_for(tol, qty)
+        if abs(taken - qty * unit) > qty_tol:
             flags.append("weight_mismatch")
+        if qty_tol >= unit / 2:
+            flags.append("weight_ambiguous")
+    return _item(lane, qty, delta, flags)
+
+
+def _item(lane: LaneChange, qty: int, weight_g: float | None, flags: list[str]) -> dict[str, Any]:
     if lane.gtin is not None and not lane.certified:
         flags.append("uncertified_item")
     return {
@@ -70,7 +87,7 @@ def reconcile_lane(lane: LaneChange) -> dict[str, Any] | None:
         "qty": qty,
         "unit_price_cents": lane.unit_price_cents if lane.gtin is not None else 0,
         "cert_id": lane.cert_id,
-        "weight_g": delta,
+        "weight_g": weight_g,
         "flags": flags,
     }
 
@@ -85,7 +102,8 @@ def reconcile(lanes: list[LaneChange], scanned_gtins: list[str] | None = None) -
             if flag not in flags:
                 flags.append(flag)
     if scanned_gtins:
-        dropped = {item["gtin"] for item in items if item["weight_g"] < 0 and item["gtin"]}
+        dropped = {item["gtin"] for item in items if item["weight_g"] is not None and item["weight_g"] < 0
+                   and item["gtin"]}
         if any(g not in dropped for g in scanned_gtins):
             flags.append("scan_mismatch")
     return Reconciled(items=items, total_cents=total, flags=flags)

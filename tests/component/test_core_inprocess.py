@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.clock import ManualClock
 from agent.config import Config, parse_config
-from agent.core import HOUSEKEEPING_S, Core
-from agent.events import ChannelState, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback, Inbound, ScaleCycle, \
-    UnlockDone
+from agent.core import HOUSEKEEPING_S, SEEN_EXTRA_S, Core
+from agent.events import (ChannelState, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback, Inbound,
+                          LockProbed, ScaleCycle, UnlockDone)
 from agent.ports import Ports
 from agent.protocol import Alarm, canonical, public_key_b64, sign, ts_from_epoch
 
@@ -50,7 +50,11 @@ class FakeLockBoard:
     def __init__(self) -> None:
         self.unlocks: list[tuple[int, str]] = []
         self.journal_at_unlock: list[list[str]] = []
+        self.probes = 0
         self.core: Core | None = None
+
+    def probe(self) -> None:
+        self.probes += 1
 
     def unlock(self, lock: int, token: str) -> None:
         self.unlocks.append((lock, token))
@@ -295,3 +299,71 @@ def test_catalog_documents_go_to_the_installer(cab: Cabinet) -> None:
     cab.core.handle(Inbound("cab/v1/catalog", b'{"version": 1}'))
     cab.core.handle(Inbound("cab/v1/catalog", b""))        # a cleared retained message
     assert cab.installer.submitted == [(b'{"version": 1}', "cab/v1/catalog")]
+
+
+# -- v1.1 fault rules ------------------------------------------------------------------------------------
+def test_doors_are_unknown_as_soon_as_the_lock_board_is_faulted(cab: Cabinet) -> None:
+    assert cab.core.status()["doors"] == [{"door": 1, "open": False, "locked": True}]
+    cab.core.handle(DeviceFault(DeviceKind.LOCKBOARD, 1, "no answer"))
+    assert cab.core.status()["doors"] == [{"door": 1, "open": None, "locked": None}]
+
+
+def test_open_door_during_a_lock_fault_asks_the_board_and_goes_ahead_when_it_answers(cab: Cabinet) -> None:
+    cab.core.handle(DeviceFault(DeviceKind.LOCKBOARD, 1, "line noise"))
+    cid = cab.open_door()
+    assert cab.lockboard.probes == 1 and cab.lockboard.unlocks == [] and cab.core_replies() == []
+    cab.core.handle(DeviceRecovered(DeviceKind.LOCKBOARD, 1))     # what the probe's good answer posts
+    cab.feed(False)
+    cab.core.handle(LockProbed(True, cab.clock.monotonic()))
+    cab.core.step()
+    assert len(cab.lockboard.unlocks) == 1
+    cab.confirm_unlock()
+    assert cab.reply(cid)["ok"] is True
+    assert cab.events("hardware_recovered")[-1]["device"] == "lockboard"
+
+
+def test_open_door_during_a_lock_fault_is_refused_when_the_board_stays_silent(cab: Cabinet) -> None:
+    cab.core.handle(DeviceFault(DeviceKind.LOCKBOARD, 1, "no answer"))
+    cid = cab.open_door()
+    cab.core.handle(LockProbed(False, cab.clock.monotonic()))
+    assert cab.lockboard.unlocks == []
+    assert cab.reply(cid)["error"] == "not_allowed: the lock board is not answering"
+
+
+def test_a_lane_whose_scale_faults_before_the_door_shuts_is_a_flagged_item(cab: Cabinet) -> None:
+    cab.stock_lane()
+    session_id = str(uuid.uuid4())
+    cab.open_door(session_id)
+    cab.confirm_unlock()
+    cab.run(1.5, True)
+    cab.core.handle(DeviceFault(DeviceKind.SCALE, 1, "timeout"))   # lane A1's transmitter
+    cab.weights[1] = None  # type: ignore[assignment]   # what the scale thread reports while faulted
+    cab.run(40.0, False, stable=False, tick=1.0)                 # the wait for stable lanes is bounded
+    sales = cab.sales()
+    assert len(sales) == 1 and sales[0]["session_id"] == session_id
+    a1 = next(i for i in sales[0]["items"] if i["lane"] == "A1")
+    assert a1["qty"] == 0 and a1["weight_g"] is None and a1["flags"] == ["weight_mismatch"]
+    assert "weight_mismatch" in sales[0]["flags"] and sales[0]["total_cents"] == 0
+
+
+def test_a_wall_clock_jump_is_recorded_and_does_not_reopen_replays(cab: Cabinet) -> None:
+    captured = {"id": str(uuid.uuid4()), "type": "status", "args": {}}
+    wall = cab.clock.wall()
+    signed = sign({**captured, "issued_at": ts_from_epoch(wall), "expires_at": ts_from_epoch(wall + 60)}, KEY)
+    cab.core.handle(Inbound(cab.core.topics.cmd, canonical(signed)))
+    assert cab.reply(captured["id"])["ok"] is True
+    seq_before = cab.core.ledger.last_seq
+    cab.clock.jump_wall(3600)                       # forward an hour, housekeeping runs
+    cab.clock.advance(HOUSEKEEPING_S + 1)
+    cab.core.step()
+    assert [b["delta_s"] for b in cab.events("clock_jump")] == [3600.0]
+    cab.clock.jump_wall(-3600)                      # and back
+    cab.clock.advance(HOUSEKEEPING_S + 1)
+    cab.core.step()
+    assert len(cab.events("clock_jump")) == 2
+    cab.core.handle(Inbound(cab.core.topics.cmd, canonical(signed)))   # the captured command again
+    replies = [r for r in cab.core_replies() if r["id"] == captured["id"]]
+    assert replies[-1]["ok"] is False and replies[-1]["error"].startswith("replay")
+    assert cab.core.ledger.last_seq > seq_before   # seq and chain go on
+    assert cab.core.ledger.verify()[0] is None
+    assert SEEN_EXTRA_S >= 86400
