@@ -28,14 +28,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import __version__
 from agent.clock import Clock
 from agent.config import Config
-from agent.errors import CatalogError
+from agent.errors import CatalogError, CatalogStoreError
 from agent.events import (CatalogOutcome, ControlCall, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback,
                           Inbound, LinkDown, LinkUp, LockProbed, PublishFailed, ScaleCycle, ScanSeen, UnlockDone)
 from agent.ports import Ports
-from agent.protocol import CLOCK_JUMP_S, Alarm, EventKind, Topics, canonical, load_public_key, ts_from_epoch
+from agent.protocol import (CLOCK_JUMP_S, MAX_ERROR_CHARS, Alarm, EventKind, Topics, canonical, load_public_key,
+                            ts_from_epoch)
 from agent.recorder import Recorder, RecordFailed
 from agent.rules.commands import Command, Rejected, parse_payload, validate
 from agent.rules.doors import ActiveSession, Phase, Timing, resume_phase
+from agent.rules.ratelimit import RejectionLimiter, SlidingWindow
 from agent.sessions import SessionRunner, product_dict
 from agent.state import CabinetState
 from agent.status import StatusSchedule, StatusView
@@ -97,6 +99,9 @@ class Core:
         self.sessions = SessionRunner(self.state, self.recorder, self.catalog, self.clock, cfg, self)
         self.syncer = Syncer(self.ledger, cfg.cabinet.id, self._publish_batch, cfg.platform.max_batch,
                              cfg.platform.ack_timeout_s)
+        self.command_rejections = RejectionLimiter("command")
+        self.catalog_rejections = RejectionLimiter("catalog")
+        self.refusal_replies = SlidingWindow()
         self.scan_waiters: list[Future[ScanSeen]] = []
         self.unlock_waiters: dict[str, Future[UnlockDone]] = {}
         self._last_housekeeping = -1e9
@@ -243,6 +248,11 @@ class Core:
         self._step_doors(now, None)   # timers only: a reading counts once, at its poll time
         self.sessions.retry_pending(now)
         self.syncer.pump(now, self.link_connected)
+        for limiter in (self.command_rejections, self.catalog_rejections):
+            report = limiter.due(now)
+            if report is not None:
+                self.recorder.event(EventKind.REJECTIONS_SUPPRESSED, what=report.what, count=report.count,
+                                    since=ts_from_epoch(report.since_wall))
         self.publish_status()
         if now - self._last_ack_flush > ACK_FLUSH_S:
             self._last_ack_flush = now
@@ -259,18 +269,21 @@ class Core:
         return self.ports.link is not None and self.ports.link.connected
 
     # -- the Outbox the sessions use ------------------------------------------------------------------
-    def reply(self, command_id: str, ok: bool, *, error: str | None = None, result: Any = None) -> None:
-        body = {"id": command_id, "ok": ok, "at": self.clock.now_ts(), "error": error,
+    def reply(self, command_id: str | None, ok: bool, *, error: str | None = None, result: Any = None) -> None:
+        body = {"id": command_id, "ok": ok, "at": self.clock.now_ts(), "error": _clip(error, MAX_ERROR_CHARS),
                 "result": result if result else {}}
         if self.ports.link is not None:
             self.ports.link.publish(self.topics.reply, canonical(body), qos=1)
 
     def reject(self, rej: Rejected) -> None:
-        log.warning("command %s (%s) rejected: %s", rej.command_id, rej.type, rej.reason)
-        # what an unauthenticated sender chose is clipped, so that no record outgrows a batch
-        self.recorder.event(EventKind.COMMAND_REJECTED, command_id=_clip(rej.command_id), type=_clip(rej.type),
-                            reason=_clip(rej.reason, 500))
-        if rej.command_id is not None:
+        """Record (within the rate limit) and answer (within its own) a refused command (mqtt.md v1.1)."""
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        if self.command_rejections.admit(now, wall):
+            log.warning("command %s (%s) rejected: %s", rej.command_id, _clip(rej.type), _clip(rej.reason))
+            # what an unauthenticated sender chose is clipped, so that no record outgrows a batch
+            self.recorder.event(EventKind.COMMAND_REJECTED, command_id=_clip(rej.command_id), type=_clip(rej.type),
+                                reason=_clip(rej.reason, 500))
+        if self.refusal_replies.admit(now):
             self.reply(rej.command_id, False, error=rej.reason)
 
     def unlock(self, door: int, token: str) -> None:
@@ -476,7 +489,8 @@ class Core:
                     log.info("catalog version %s is stale again (already recorded)", err.version)
                     return
                 self._stale_reported.add(err.version)
-            self.recorder.event(EventKind.CATALOG_REJECTED, version=err.version, reason=err.reason)
+            if self.catalog_rejections.admit(self.clock.monotonic(), self.clock.wall()):
+                self.recorder.event(EventKind.CATALOG_REJECTED, version=err.version, reason=err.reason)
             if err.reason == "base_mismatch" and self.ports.link is not None:
                 self.ports.link.resubscribe(self.topics.catalog_topics[0])
             return
@@ -535,7 +549,7 @@ def open_catalog_cache(path: Path, key: Ed25519PublicKey, timezone: str) -> Cata
     (kept for a post-mortem) and rebuilt empty; the retained snapshot refills it."""
     try:
         return CatalogStore(path, key, timezone)
-    except (CatalogError, sqlite3.DatabaseError) as exc:
+    except (CatalogError, CatalogStoreError, sqlite3.DatabaseError) as exc:
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.error("catalog cache %s cannot be used (%s); moved to %s, starting with an empty catalog", path,
                   exc, aside)

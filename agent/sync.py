@@ -12,11 +12,11 @@ import json
 import logging
 from collections.abc import Callable
 
+from agent.protocol import MAX_BATCH_BYTES
 from agent.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_BYTES = 256 * 1024
 
 
 class Syncer:
@@ -30,6 +30,9 @@ class Syncer:
         self._head = f'{{"cabinet":{json.dumps(cabinet_id, ensure_ascii=False)},"records":['.encode()
         self._record_budget = MAX_BATCH_BYTES - len(self._head) - 2
         self.sent_upto = ledger.acked_upto
+        # the highest seq known to be with the platform since the last rewind: what is out in
+        # flight is counted from here, also when a resend goes below the ack watermark
+        self.confirmed = self.sent_upto
         self.last_progress = 0.0
         self.batches_sent = 0
 
@@ -37,6 +40,7 @@ class Syncer:
         """Send again from ``to_seq + 1`` (default: from the first unacknowledged record)."""
         target = self.ledger.acked_upto if to_seq is None else max(0, to_seq)
         self.sent_upto = min(target, self.ledger.last_seq)  # a resend beyond the end must not skip new records
+        self.confirmed = self.sent_upto
         self.last_progress = now
 
     def on_ack(self, upto: int, now: float) -> bool:
@@ -44,11 +48,14 @@ class Syncer:
         if upto > self.ledger.last_seq:
             log.warning("ignoring ack upto %d: the last seq is %d", upto, self.ledger.last_seq)
             return False
+        if upto > self.confirmed:
+            # also an ack that does not move the watermark answers a resend below it: the
+            # platform has everything up to ``upto``, so sending that part again is pointless
+            self.confirmed = upto
+            self.sent_upto = max(self.sent_upto, upto)
         if not self.ledger.set_acked(upto):
             return False
         self.last_progress = now
-        if self.sent_upto < upto:
-            self.sent_upto = upto
         return True
 
     def pump(self, now: float, connected: bool) -> int:
@@ -56,13 +63,14 @@ class Syncer:
         if not connected:
             return 0
         acked = self.ledger.acked_upto
-        if self.sent_upto > acked and now - self.last_progress > self.ack_timeout_s:
+        if self.sent_upto > self.confirmed and now - self.last_progress > self.ack_timeout_s:
             log.info("no ack progress for %.0f s: resending from seq %d", now - self.last_progress, acked + 1)
             self.rewind(now)
         sent = 0
         last_seq = self.ledger.last_seq
-        while self.sent_upto < last_seq and self.sent_upto - acked < self.window:
-            room = min(self.max_batch, self.window - max(0, self.sent_upto - acked))
+        floor = self.confirmed
+        while self.sent_upto < last_seq and self.sent_upto - floor < self.window:
+            room = min(self.max_batch, self.window - max(0, self.sent_upto - floor))
             records, last = self.ledger.batch_from(self.sent_upto + 1, room, self._record_budget)
             if not records:
                 nxt = self.ledger.first_seq_from(self.sent_upto + 1)
@@ -73,7 +81,7 @@ class Syncer:
             payload = self._head + ",".join(records).encode() + b"]}"
             if self.publish(payload) is None:
                 break
-            if self.sent_upto <= acked:
+            if self.sent_upto <= floor:
                 self.last_progress = now  # the ack clock starts when something is outstanding
             self.sent_upto = last
             self.batches_sent += 1

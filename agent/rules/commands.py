@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, TypeGuard
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import Config
 from agent.errors import CommandRejected, SignatureError
-from agent.protocol import canonical, epoch_of, verify_signed
+from agent.protocol import MAX_COMMAND_ID_CHARS, MAX_COMMAND_TTL_S, canonical, epoch_of, verify_signed
 
-MAX_TTL_S = 300.0
-MAX_PRICE_CENTS = 2**63 - 1   # what the ledger (SQLite INTEGER) can hold
+MAX_SQLITE_INT = 2**63 - 1    # the largest seq or price the ledger (SQLite INTEGER) can hold
+MAX_PRICE_CENTS = MAX_SQLITE_INT
 REMEMBER_UNPARSABLE_S = 86400.0  # how long a refused id without a readable expiry counts as seen
 TYPES = ("open_door", "resend", "status", "set_lane")
 
@@ -56,8 +57,14 @@ def _is_uuid(value: Any) -> bool:
     return True
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
+    """An integer, and not a bool (JSON ``true`` is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_price_cents(value: Any) -> TypeGuard[int]:
+    """A price the ledger can hold: whole cents from 0 to MAX_PRICE_CENTS (set_lane, cabinetctl)."""
+    return _is_int(value) and 0 <= value <= MAX_PRICE_CENTS
 
 
 def parse_payload(payload: bytes) -> dict[str, Any]:
@@ -75,8 +82,20 @@ def parse_payload(payload: bytes) -> dict[str, Any]:
         # e.g. a lone surrogate escape (\ud800): it cannot be signed, hashed or recorded;
         # still name the command in the reply and the event when its id and type are text.
         raise Rejected("invalid: payload holds text that is not valid Unicode",
-                       _text_or_none(obj.get("id")), _text_or_none(obj.get("type"))) from None
+                       _text_or_none(command_id_of(obj)), _text_or_none(obj.get("type"))) from None
     return obj
+
+
+def command_id_of(obj: dict[str, Any]) -> str | None:
+    """The command's id when it is one the contract allows (a string of at most 64 characters)."""
+    value = obj.get("id")
+    if isinstance(value, str) and 0 < len(value) <= MAX_COMMAND_ID_CHARS:
+        return value
+    return None
+
+
+def _clipped_type(ctype: str | None) -> str | None:
+    return ctype if ctype is None or len(ctype) <= MAX_COMMAND_ID_CHARS else ctype[:MAX_COMMAND_ID_CHARS] + "..."
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -92,8 +111,12 @@ def _text_or_none(value: Any) -> str | None:
 def validate(obj: dict[str, Any], *, key: Ed25519PublicKey, now: float, skew_s: float, config: Config,
              seen: Callable[[str], bool]) -> Command:
     """Return the command if every contract check passes, else raise Rejected with the reason."""
-    cid = obj.get("id") if isinstance(obj.get("id"), str) else None
+    cid = command_id_of(obj)
     ctype = obj.get("type") if isinstance(obj.get("type"), str) else None
+    if "id" in obj and cid is None:
+        # v1.1: not a string of at most 64 characters: refused, answered with "id": null
+        raise Rejected(f"invalid_args: id is not a string of at most {MAX_COMMAND_ID_CHARS} characters", None,
+                       _clipped_type(ctype))
     try:
         verify_signed(obj, key)
     except SignatureError as exc:
@@ -121,7 +144,7 @@ def _validate_signed(obj: dict[str, Any], cid: str | None, ctype: str | None, *,
         expires = epoch_of(obj["expires_at"])
     except (KeyError, ValueError, TypeError):
         raise Rejected("invalid: issued_at/expires_at missing or not RFC 3339", cid, ctype) from None
-    if expires - issued > MAX_TTL_S + 1e-6:
+    if expires - issued > MAX_COMMAND_TTL_S + 1e-6:
         raise Rejected("invalid: expires_at is more than 300 s after issued_at", cid, ctype)
     if expires + skew_s < now:
         raise Rejected("expired", cid, ctype)
@@ -156,7 +179,7 @@ def _check_args(ctype: str, args: dict[str, Any], config: Config) -> str | None:
     elif ctype == "resend":
         if "from_seq" not in args:
             return "from_seq is missing"
-        if not _is_int(args["from_seq"]) or not 1 <= args["from_seq"] <= 2**63 - 1:
+        if not _is_int(args["from_seq"]) or not 1 <= args["from_seq"] <= MAX_SQLITE_INT:
             return "from_seq must be an integer >= 1"
     elif ctype == "set_lane":
         for name in ("lane", "gtin", "price_cents"):
@@ -166,6 +189,6 @@ def _check_args(ctype: str, args: dict[str, Any], config: Config) -> str | None:
             return f"lane {args['lane']!r} is not in the config"
         if not isinstance(args["gtin"], str):
             return "gtin must be a string"
-        if not _is_int(args["price_cents"]) or not 0 <= args["price_cents"] <= MAX_PRICE_CENTS:
+        if not is_price_cents(args["price_cents"]):
             return "price_cents must be an integer >= 0"
     return None

@@ -17,8 +17,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.clock import ManualClock
 from agent.config import Config, parse_config
 from agent.core import HOUSEKEEPING_S, SEEN_EXTRA_S, Core
-from agent.events import (ChannelState, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback, Inbound,
-                          LockProbed, ScaleCycle, UnlockDone)
+from agent.events import (
+    ChannelState,
+    DeviceFault,
+    DeviceKind,
+    DeviceRecovered,
+    DoorFeedback,
+    Inbound,
+    LockProbed,
+    ScaleCycle,
+    UnlockDone,
+)
 from agent.ports import Ports
 from agent.protocol import Alarm, canonical, public_key_b64, sign, ts_from_epoch
 
@@ -367,3 +376,28 @@ def test_a_wall_clock_jump_is_recorded_and_does_not_reopen_replays(cab: Cabinet)
     assert cab.core.ledger.last_seq > seq_before   # seq and chain go on
     assert cab.core.ledger.verify()[0] is None
     assert SEEN_EXTRA_S >= 86400
+
+
+# -- v1.1 bounds on refusals ----------------------------------------------------------------------------------
+def test_a_flood_of_garbage_costs_bounded_records_and_replies(cab: Cabinet) -> None:
+    seq = cab.core.ledger.last_seq
+    for i in range(2000):
+        cab.core.handle(Inbound(cab.core.topics.cmd, b"not json %d" % i))
+    cab.core.step()
+    rejected = [r for r in cab.records() if r["seq"] > seq and r["body"].get("kind") == "command_rejected"]
+    assert len(rejected) == 60
+    assert len(cab.core_replies()) == 60 and all(r["id"] is None for r in cab.core_replies())
+    cab.clock.advance(61)
+    cab.core.step()
+    suppressed = cab.events("rejections_suppressed")
+    assert [(b["what"], b["count"]) for b in suppressed] == [("command", 1940)]
+    cid = cab.open_door()              # a valid command is never delayed by the flood
+    assert len(cab.lockboard.unlocks) == 1 and cid not in [r["id"] for r in cab.core_replies()]
+
+
+def test_a_command_id_longer_than_64_characters_is_refused_with_id_null(cab: Cabinet) -> None:
+    cab.command("status", {}, cid="x" * 10_000)
+    reply = cab.core_replies()[-1]
+    assert reply["id"] is None and reply["ok"] is False and "64 characters" in reply["error"]
+    assert len(reply["error"]) <= 200
+    assert cab.events("command_rejected")[-1]["command_id"] is None

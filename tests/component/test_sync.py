@@ -298,7 +298,7 @@ def test_publish_failing_midway_resumes_at_the_failed_batch(ledger: Ledger, link
     assert link.take() == [[5, 6, 7, 8], [9, 10]]
 
 
-# -- holes ---------------------------------------------------------------------------------------------------------------
+# -- holes ---------------------------------------------------------------------------------------------------
 def test_pruned_records_are_skipped(ledger: Ledger, link: Link) -> None:
     fill(ledger, 20)
     s = Syncer(ledger, CAB, link, max_batch=100)
@@ -318,3 +318,19 @@ def test_holes_in_the_middle_split_batches(ledger: Ledger, link: Link) -> None:
     assert s.pump(0.0, True) == 9
     assert link.take() == [[1, 2, 3, 4], [7, 8], [10, 11, 12]]
     assert s.sent_upto == 12
+
+
+def test_resend_from_seq_1_of_an_acked_ledger_keeps_to_the_window(tmp_path: Path) -> None:
+    """issue 8: a resend below the ack watermark pushed the whole ledger into paho's queue."""
+    ledger = Ledger(tmp_path / "ledger.db")
+    with ledger.transaction() as tx:
+        for i in range(12_000):
+            tx.append("event", {"kind": "restock", "i": i}, "2026-11-29T08:15:02.123Z")
+    ledger.set_acked(12_000)
+    sent: list[bytes] = []
+    syncer = Syncer(ledger, "CAB-0001", lambda p: sent.append(p) or len(sent), max_batch=100, window=5000)
+    syncer.rewind(0.0, 0)
+    assert syncer.pump(1.0, True) == 5000            # one window, not 12,000 records
+    assert syncer.pump(2.0, True) == 0
+    syncer.on_ack(12_000, 3.0)                        # the platform has it all again: nothing more to resend
+    assert syncer.pump(4.0, True) == 0 and syncer.sent_upto == 12_000
