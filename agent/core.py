@@ -29,11 +29,33 @@ from agent import __version__
 from agent.clock import Clock
 from agent.config import Config
 from agent.errors import CatalogError, CatalogStoreError
-from agent.events import (CatalogOutcome, ControlCall, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback,
-                          Inbound, LinkDown, LinkUp, LockProbed, PublishFailed, ScaleCycle, ScanSeen, UnlockDone)
+from agent.events import (
+    CatalogOutcome,
+    ControlCall,
+    DeviceFault,
+    DeviceKind,
+    DeviceRecovered,
+    DoorFeedback,
+    Inbound,
+    LinkDown,
+    LinkUp,
+    LockProbed,
+    PublishFailed,
+    ScaleCycle,
+    ScanSeen,
+    UnlockDone,
+)
 from agent.ports import Ports
-from agent.protocol import (CLOCK_JUMP_S, MAX_ERROR_CHARS, Alarm, EventKind, Topics, canonical, load_public_key,
-                            ts_from_epoch)
+from agent.protocol import (
+    CLOCK_JUMP_S,
+    MAX_ERROR_CHARS,
+    Alarm,
+    EventKind,
+    Topics,
+    canonical,
+    load_public_key,
+    ts_from_epoch,
+)
 from agent.recorder import Recorder, RecordFailed
 from agent.rules.commands import Command, Rejected, parse_payload, validate
 from agent.rules.doors import ActiveSession, Phase, Timing, resume_phase
@@ -425,6 +447,7 @@ class Core:
             self.assign_lane(lane, look.gtin, price)
         except RecordFailed:
             raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type) from None
+        self.recorder.event(EventKind.SET_LANE, lane=lane, gtin=look.gtin, price_cents=price, command_id=cmd.id)
         self.reply(cmd.id, True, result={"lane": lane, "gtin": look.gtin, "price_cents": price})
 
     def assign_lane(self, lane: str, gtin: str | None, price_cents: int | None) -> None:

@@ -27,12 +27,12 @@ from typing import Any, TextIO
 from agent.catalog_worker import CatalogWorker
 from agent.config import Config
 from agent.control import ControlServer
+from agent.control_handlers import Operator
 from agent.core import Core
-from agent.errors import AgentError
 from agent.devices import LockboardThread, ScaleThread
+from agent.errors import AgentError
 from agent.events import DeviceFault, DeviceKind, DeviceRecovered, ScanSeen
 from agent.mqtt_link import MqttLink
-from agent.control_handlers import Operator
 
 log = logging.getLogger(__name__)
 

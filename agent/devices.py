@@ -15,8 +15,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.events import (ChannelState, DeviceFault, DeviceKind, DeviceRecovered, DoorFeedback, LockProbed, ScaleCycle,
-                          UnlockDone)
+from agent.events import (
+    ChannelState,
+    DeviceFault,
+    DeviceKind,
+    DeviceRecovered,
+    DoorFeedback,
+    LockProbed,
+    ScaleCycle,
+    UnlockDone,
+)
 from drivers.errors import DriverError
 from drivers.lockboard.client import LockBoardClient
 from drivers.scales.client import ScaleClient
@@ -176,7 +184,8 @@ class ScaleThread(threading.Thread):
             if counter.ok():
                 self.post(DeviceRecovered(DeviceKind.SCALE, ch))
             now = self.clock()
-            self.windows[ch].add(now, reading.gross_g, reading.motion, reading.division_g)
+            division = reading.division_g if reading.division_g is not None else 10.0 ** -reading.decimals
+            self.windows[ch].add(now, reading.gross_g, reading.motion, division)
             self.last[ch] = reading.gross_g
             out[ch] = ChannelState(reading.gross_g, self.windows[ch].is_stable(now))
         self.post(ScaleCycle(out, self.clock()))

@@ -3,9 +3,9 @@ control socket, the catalog installer and the camera. The core dispatches on the
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from concurrent.futures import Future
-import enum
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import SignatureError
 
-
 # json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) with the encoder
 # built once: json.dumps builds one per call, a third of the cost of hashing a record.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)

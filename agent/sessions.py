@@ -19,10 +19,20 @@ from agent.config import Config
 from agent.events import UnlockDone
 from agent.ports import Outbox
 from agent.protocol import Alarm, EventKind, RecordType
-from agent.recorder import Recorder, RecordConflict, RecordFailed
+from agent.recorder import RecordConflict, Recorder, RecordFailed
 from agent.rules.commands import Command, Rejected
-from agent.rules.doors import (Action, ActiveSession, Closed, DoorForced, DoorMachine, LeftOpen, LeftOpenCleared,
-                               Opened, Reopened, Settle)
+from agent.rules.doors import (
+    Action,
+    ActiveSession,
+    Closed,
+    DoorForced,
+    DoorMachine,
+    LeftOpen,
+    LeftOpenCleared,
+    Opened,
+    Reopened,
+    Settle,
+)
 from agent.rules.reconcile import LaneChange, reconcile
 from agent.state import CabinetState
 from agent.store.catalog import CatalogStore
@@ -249,7 +259,7 @@ class SessionRunner:
         gtin = row.get("gtin")
         product = self.catalog.product(gtin) if gtin else None
         info = product_dict(product) if product else (row.get("product") or {})
-        certified = bool(gtin) and self.catalog.lookup(gtin, at).certified
+        certified = isinstance(gtin, str) and bool(gtin) and self.catalog.lookup(gtin, at).certified
         return LaneChange(
             lane=lane, baseline_g=base, current_g=current, gtin=gtin, name=info.get("name"),
             cert_id=info.get("cert_id"), unit_weight_g=info.get("unit_weight_g"),
