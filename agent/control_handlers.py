@@ -11,26 +11,33 @@ import logging
 import math
 import os
 import shutil
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from agent.catalog_worker import CatalogWorker
 from agent.control import ControlFailure
 from agent.core import Core
-from agent.errors import CatalogError
+from agent.errors import AgentError, CatalogError
 from agent.events import ScanSeen
-from agent.protocol import EventKind
+from agent.protocol import EventKind, RecordType
 from agent.recorder import RecordFailed
-from agent.rules.commands import MAX_PRICE_CENTS
+from agent.rules.commands import MAX_PRICE_CENTS, is_price_cents
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 SCAN_WAIT_S = 30.0
+MAX_SCAN_WAIT_S = 600.0
 UNLOCK_CONFIRM_S = 5.0
+# operations.md v1.1: a calibration factor this far from the transmitter's own reading is a
+# wrong weight, a wrong lane or a typo, not a calibration
+MIN_FACTOR, MAX_FACTOR = 0.5, 2.0
 
 
 class Operator:
@@ -45,15 +52,15 @@ class Operator:
             "status": self.status, "lanes": self.lanes, "service": self.service, "unlock": self.unlock,
             "restock": self.restock, "price": self.price, "tare": self.tare, "calibrate": self.calibrate,
             "catalog": self.catalog_info, "catalog_lookup": self.catalog_lookup,
-            "catalog_install": self.catalog_install, "sync": self.sync,
+            "catalog_install": self.catalog_install, "sync": self.sync, "sync_progress": self.sync_progress,
         }
         fn = handlers.get(cmd)
         if fn is None:
             raise ControlFailure(f"unknown command {cmd!r}", 2)
         return fn(args=args, fds=fds, user=user, progress=progress)
 
-    def _on_core(self, fn: Callable[[], Any]) -> Any:
-        return self.core.call(fn)
+    def _on_core(self, fn: Callable[[], T]) -> T:
+        return cast(T, self.core.call(fn))
 
     def _write(self, fn: Callable[[Any], None]) -> None:
         """One ledger transaction on the core thread; a refused write is the operator's failure."""
@@ -62,6 +69,25 @@ class Operator:
                 fn(tx)
         except RecordFailed as exc:
             raise ControlFailure(f"the ledger cannot accept records: {exc}") from None
+
+    def _set_lanes(self, kind: EventKind, changes: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
+        """Lane settings and the events recording them commit in one transaction: no change
+        without its record, no record of a change that did not happen. ``changes``: (lane,
+        columns to set, event fields). On the core thread."""
+        recorder = self.core.recorder
+        if not recorder.writable or recorder.pending:
+            recorder.recheck()   # events that waited for the ledger go first, in their order
+        if not recorder.writable or recorder.pending:
+            raise ControlFailure("the ledger cannot accept records right now; nothing was changed")
+        at = self.core.clock.now_ts()
+
+        def write(tx: Any) -> None:
+            for lane, columns, fields in changes:
+                tx.set_lane(lane, **columns)
+                tx.append(RecordType.EVENT, {"kind": kind, "lane": lane, **fields}, at)
+
+        self._write(write)
+        log.info("%s recorded for %s", kind, ", ".join(lane for lane, _, _ in changes))
 
     def _lane_arg(self, args: dict[str, Any]) -> str:
         lane = args.get("lane")
@@ -107,7 +133,7 @@ class Operator:
                     "lane": name, "door": view.door, "channel": view.channel, "gtin": gtin,
                     "name": product.name if product else snap.get("name"), "price_cents": row.get("price_cents"),
                     "weight_g": weight, "count": max(count, 0) if count is not None else None,
-                    "certified": bool(gtin) and core.catalog.lookup(gtin, at).certified,
+                    "certified": isinstance(gtin, str) and bool(gtin) and core.catalog.lookup(gtin, at).certified,
                 })
             return out
 
@@ -162,7 +188,8 @@ class Operator:
         try:
             result = done.result(timeout=UNLOCK_CONFIRM_S)
         except FutureTimeout:
-            raise ControlFailure(f"the unlock of door {door} was not confirmed within {UNLOCK_CONFIRM_S:.0f} s") from None
+            raise ControlFailure(
+                f"the unlock of door {door} was not confirmed within {UNLOCK_CONFIRM_S:.0f} s") from None
         if not result.ok:
             raise ControlFailure(f"the unlock of door {door} was not confirmed: {result.detail}")
         return {"door": door, "unlocked": True}
@@ -172,23 +199,19 @@ class Operator:
         qty = args.get("qty", 1)
         price = args.get("price")
         code = args.get("code")
-        if not isinstance(qty, int) or qty < 1:
+        if not isinstance(qty, int) or isinstance(qty, bool) or qty < 1:
             raise ControlFailure("--qty must be a whole number >= 1", 2)
-        if price is not None and (not isinstance(price, int) or isinstance(price, bool)
-                                  or not 0 <= price <= MAX_PRICE_CENTS):
+        if code is not None and not isinstance(code, str):
+            raise ControlFailure("--code must be text", 2)
+        if price is not None and not is_price_cents(price):
             raise ControlFailure(f"--price must be a whole number of cents from 0 to {MAX_PRICE_CENTS}", 2)
         core = self.core
+        wait_s = _scan_wait(args)   # a bad --wait is a usage error also with --code
         self._on_core(self._require_service)
         symbology: str | None = None
-        lookup_code = code
+        lookup_code: str = code or ""
         if not code:
-            wait_s = float(args.get("wait_s") or SCAN_WAIT_S)
-            progress({"waiting_for_scan": wait_s})
-            fut: Future[ScanSeen] = self._on_core(core.wait_for_scan)
-            try:
-                scan = fut.result(timeout=wait_s)
-            except FutureTimeout:
-                raise ControlFailure(f"no product code scanned within {wait_s:.0f} s") from None
+            scan = self._await_scan(wait_s, progress)
             # the event names the code as read; the lookup uses the GTIN the pipeline extracted
             # (a GS1 QR's text is not a GTIN; a UPC-E's GTIN-14 is no longer UPC-E)
             code, symbology = scan.text, scan.symbology
@@ -199,7 +222,7 @@ class Operator:
             self._require_service()
             at = core.clock.now_dt()
             look = core.catalog.lookup(lookup_code, at, None if lookup_code != code else symbology)
-            if not look.certified:
+            if not look.certified or look.product is None:
                 core.recorder.event(EventKind.UNCERTIFIED_SCAN, code=code, gtin=look.gtin, symbology=symbology,
                                   context="restock", reason=look.reason)
                 raise ControlFailure(f"{code} is not certified now: {_why(look.reason)}; restock refused")
@@ -218,15 +241,43 @@ class Operator:
 
         return self._on_core(apply)
 
-    def price(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+    def _await_scan(self, wait_s: float, progress: Callable[[Any], None]) -> ScanSeen:
+        """The next camera scan; after ``wait_s`` the waiter is withdrawn, so that the next scan
+        is judged (and, if uncertified, recorded) as any other instead of going to nobody."""
+        progress({"waiting_for_scan": wait_s})
+        fut: Future[ScanSeen] = self._on_core(self.core.wait_for_scan)
+        try:
+            return fut.result(timeout=wait_s)
+        except FutureTimeout:
+            pass
+        scan: ScanSeen | None = self._on_core(lambda: self._withdraw(fut))
+        if scan is None:
+            raise ControlFailure(f"no product code scanned within {wait_s:g} s")
+        return scan
+
+    def _withdraw(self, fut: Future[ScanSeen]) -> ScanSeen | None:
+        """On the core thread (so no scan can slip in between): the scan that did arrive, or
+        None once the waiter is cancelled and gone from the core's list."""
+        if fut.done() and not fut.cancelled():
+            return fut.result()
+        fut.cancel()
+        waiters = self.core.scan_waiters
+        if fut in waiters:
+            waiters.remove(fut)
+        return None
+
+    def price(self, args: dict[str, Any], user: str, **_: Any) -> dict[str, Any]:
         lane = self._lane_arg(args)
         cents = args.get("cents")
-        if not isinstance(cents, int) or isinstance(cents, bool) or not 0 <= cents <= MAX_PRICE_CENTS:
+        if not is_price_cents(cents):
             raise ControlFailure(f"price must be a whole number of cents from 0 to {MAX_PRICE_CENTS}", 2)
         core = self.core
 
         def apply() -> dict[str, Any]:
-            self._write(lambda tx: tx.set_lane(lane, price_cents=cents))
+            before = core.ledger.lane_rows().get(lane, {}).get("price_cents")
+            self._set_lanes(EventKind.PRICE_SET, [(lane, {"price_cents": cents},
+                                                   {"price_cents": cents, "previous_price_cents": before,
+                                                    "operator": user})])
             return {"lane": lane, "price_cents": cents}
 
         return self._on_core(apply)
@@ -241,24 +292,23 @@ class Operator:
             raise ControlFailure(f"the weight of lane {lane} is not stable; try again")
         return view.gross_g
 
-    def tare(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+    def tare(self, args: dict[str, Any], user: str, **_: Any) -> dict[str, Any]:
         target = args.get("lane")
         core = self.core
         names = list(core.state.lanes) if target == "all" else [self._lane_arg(args)]
 
         def apply() -> dict[str, Any]:
             gross = {name: self._stable_gross(name) for name in names}
-
-            def write(tx: Any) -> None:
-                for name, g in gross.items():
-                    tx.set_lane(name, tare_g=g)
-
-            self._write(write)
+            rows = core.ledger.lane_rows()
+            self._set_lanes(EventKind.TARE, [
+                (name, {"tare_g": g}, {"tare_g": g, "previous_tare_g": rows.get(name, {}).get("tare_g"),
+                                       "operator": user})
+                for name, g in gross.items()])
             return {"tared": names}
 
         return self._on_core(apply)
 
-    def calibrate(self, args: dict[str, Any], **_: Any) -> dict[str, Any]:
+    def calibrate(self, args: dict[str, Any], user: str, **_: Any) -> dict[str, Any]:
         lane = self._lane_arg(args)
         grams = args.get("grams")
         if not isinstance(grams, (int, float)) or isinstance(grams, bool) or not math.isfinite(grams) or grams <= 0:
@@ -267,12 +317,14 @@ class Operator:
 
         def apply() -> dict[str, Any]:
             gross = self._stable_gross(lane)
-            tare = core.ledger.lane_rows().get(lane, {}).get("tare_g") or 0.0
-            raw = gross - tare
+            row = core.ledger.lane_rows().get(lane, {})
+            raw = gross - (row.get("tare_g") or 0.0)
             if raw <= 0:
                 raise ControlFailure(f"lane {lane} reads {raw:.1f} g above its tare: put the known weight on it")
-            factor = grams / raw
-            self._write(lambda tx: tx.set_lane(lane, factor=factor))
+            factor = _calibration_factor(lane, float(grams), raw)
+            self._set_lanes(EventKind.CALIBRATE, [(lane, {"factor": factor},
+                                                   {"grams": grams, "reading_g": raw, "factor": factor,
+                                                    "previous_factor": row.get("factor"), "operator": user})])
             return {"lane": lane, "factor": factor}
 
         return self._on_core(apply)
@@ -337,6 +389,45 @@ class Operator:
                     "broker_connected": core.link_connected}
 
         return self._on_core(apply)
+
+    def sync_progress(self, **_: Any) -> dict[str, Any]:
+        """What ``sync --wait`` polls. The ack watermark is written to the ledger before the
+        answer (the core writes it at most once a second), so that once this says nothing is
+        unsynced, an ``export`` reading the file right after agrees."""
+        core = self.core
+
+        def apply() -> dict[str, Any]:
+            try:
+                core.ledger.flush_acked()
+            except (sqlite3.Error, OSError, AgentError) as exc:
+                core.recorder.failed(exc)
+                raise ControlFailure(f"the ledger cannot record the acknowledgements: {exc}") from None
+            return {"unsynced": core.ledger.unsynced, "acked_upto": core.ledger.acked_upto,
+                    "last_seq": core.ledger.last_seq, "broker_connected": core.link_connected}
+
+        return self._on_core(apply)
+
+
+def _calibration_factor(lane: str, grams: float, reading_g: float) -> float:
+    """``grams / reading_g``; ControlFailure when it is not a plausible correction of the reading."""
+    factor = grams / reading_g
+    if not MIN_FACTOR <= factor <= MAX_FACTOR:
+        raise ControlFailure(
+            f"lane {lane} reads {reading_g:.1f} g above its tare, {grams:g} g would mean a factor of {factor:.3g}: "
+            f"outside {MIN_FACTOR}-{MAX_FACTOR} of the transmitter's own reading; refused (is the known weight on "
+            "this lane, and is GRAMS right?)")
+    return factor
+
+
+def _scan_wait(args: dict[str, Any]) -> float:
+    """How long a restock waits for a scan: a finite number of seconds, at most MAX_SCAN_WAIT_S."""
+    wait = args.get("wait_s")
+    if wait is None:
+        return SCAN_WAIT_S
+    if (not isinstance(wait, (int, float)) or isinstance(wait, bool) or not math.isfinite(wait)
+            or not 0 < wait <= MAX_SCAN_WAIT_S):
+        raise ControlFailure(f"--wait must be a number of seconds above 0 and at most {MAX_SCAN_WAIT_S:.0f}", 2)
+    return float(wait)
 
 
 def _why(reason: str | None) -> str:

@@ -469,7 +469,7 @@ class Core:
     def _on_scan(self, scan: ScanSeen) -> None:
         consumed = False
         for fut in self.scan_waiters:
-            if not fut.done():
+            if fut.set_running_or_notify_cancel():   # a timed-out restock cancelled its waiter
                 fut.set_result(scan)
                 consumed = True
         self.scan_waiters.clear()

@@ -2,8 +2,8 @@
 
 from drivers.errors import GtinError
 
-__all__ = ["AgentError", "CatalogError", "CommandRejected", "ConfigError", "GtinError", "LedgerError",
-           "SignatureError"]
+__all__ = ["AgentError", "CatalogError", "CatalogStoreError", "CommandRejected", "ConfigError", "GtinError",
+           "LedgerError", "SignatureError", "StoreError"]
 
 
 class AgentError(Exception):
@@ -13,7 +13,7 @@ class AgentError(Exception):
 class ConfigError(AgentError):
     """The configuration is invalid; ``problems`` holds one 'key.path: message' per problem."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
 
@@ -22,14 +22,22 @@ class SignatureError(AgentError):
     """A signed platform message does not verify."""
 
 
-class LedgerError(AgentError):
+class StoreError(AgentError):
+    """One of the agent's databases cannot be opened or used (it is never altered on the way)."""
+
+
+class LedgerError(StoreError):
     """The ledger cannot be opened or written."""
+
+
+class CatalogStoreError(StoreError):
+    """The catalog cache cannot be opened (not ours, a newer schema) or is already closed."""
 
 
 class CatalogError(AgentError):
     """A catalog document was refused; ``reason`` is the mqtt.md reason code."""
 
-    def __init__(self, reason: str, message: str = "", version: int | None = None):
+    def __init__(self, reason: str, message: str = "", version: int | None = None) -> None:
         super().__init__(message or reason)
         self.reason = reason
         self.version = version

@@ -31,9 +31,6 @@ from urllib.parse import urlsplit
 
 from drivers.errors import GtinError
 
-
-
-
 BAD_CHECK_DIGIT = "bad_check_digit"
 MALFORMED = "malformed"
 
@@ -168,13 +165,14 @@ def classify(text: str, symbology: str) -> tuple[str | None, str | None]:
         return None, None
     sym = _sym_key(symbology)
     if sym in _RETAIL:
-        candidate: str | None = text
+        candidate = text
     else:
-        candidate = _gs1_gtin_field(text)
-        if candidate is None:
-            candidate = _digital_link_gtin(text)
-        if candidate is None:
+        found = _gs1_gtin_field(text)
+        if found is None:
+            found = _digital_link_gtin(text)
+        if found is None:
             return None, None
+        candidate = found
         if len(candidate) != 14 and not text[:4].lower().startswith("http"):
             return None, None  # AI (01) is always 14 digits; only a Digital Link may be shorter
         sym = ""  # the AI / URL value is a plain GTIN, never a UPC-E

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar, cast
 
 import serial
 
@@ -24,20 +24,33 @@ T = TypeVar("T")
 Extractor = Callable[[bytearray], "T | None"]
 
 
+class _Port(Protocol):
+    """What the link uses of a port: every class ``serial_for_url`` returns (a tty, ``loop://``,
+    ``socket://``) has it, their common base ``SerialBase`` does not declare it all."""
+
+    @property
+    def in_waiting(self) -> int: ...
+    def reset_input_buffer(self) -> None: ...
+    def write(self, data: bytes, /) -> int | None: ...
+    def flush(self) -> None: ...
+    def read(self, size: int = 1, /) -> bytes: ...
+    def close(self) -> None: ...
+
+
 class SerialLink:
     def __init__(self, url: str, baudrate: int = 9600, timeout_s: float = 0.3) -> None:
         self.url = url
         self.baudrate = baudrate
         self.timeout_s = timeout_s
-        self._port: serial.SerialBase | None = None
+        self._port: _Port | None = None
 
     def open(self) -> None:
         if self._port is not None:
             return
         try:
-            self._port = serial.serial_for_url(
+            self._port = cast(_Port, serial.serial_for_url(
                 self.url, baudrate=self.baudrate, bytesize=8, parity="N", stopbits=1, timeout=0.01
-            )
+            ))
         except (serial.SerialException, OSError, ValueError) as exc:
             raise LinkError(f"cannot open {self.url}: {exc}") from exc
         log.info("opened serial port %s at %d baud", self.url, self.baudrate)
@@ -53,10 +66,6 @@ class SerialLink:
     @property
     def is_open(self) -> bool:
         return self._port is not None
-
-    def frame_time_s(self, nbytes: int) -> float:
-        """Time the line needs for ``nbytes`` at 8N1 (10 bits a byte)."""
-        return nbytes * 10.0 / self.baudrate
 
     def transact(self, request: bytes, extract: Callable[[bytearray], T | None], timeout_s: float | None = None) -> T:
         """Send ``request`` and return the first valid reply; LinkTimeout when none arrives in time."""

@@ -27,9 +27,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.store.ledger import Ledger, wire_json  # noqa: E402
-from agent.sim.cabinet import SimulatedCabinet, Timings  # noqa: E402
 from agent.protocol import ts_from_epoch  # noqa: E402
+from agent.sim.cabinet import SimulatedCabinet, Timings  # noqa: E402
+from agent.store.ledger import Ledger, wire_json  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -18,6 +18,15 @@
 3. Times 100k lookups (hits, misses, bad check digits, EAN-13 forms, revoked codes).
 
 Goals: install <= 30 s, peak RSS <= 300 MB, median lookup <= 50 µs.
+
+``--mqtt`` (issue 9) compares the catalog over MQTT with the file path, in one run: a signed
+snapshot (default 300,000 products, ~90 MB) is published to a private Mosquitto and received by
+a fresh process running what the daemon runs for it (MqttLink -> CatalogWorker -> CatalogStore),
+and installed from a file by another fresh process; then a forged document of the same size is
+sent over MQTT. Goals: MQTT peak RSS <= 1.5 x the payload + 100 MiB, MQTT time <= 1.5 x the file
+path's, the forged one rejected with no row staged.
+
+    .venv/bin/python scripts/bench_catalog.py --mqtt
 """
 
 from __future__ import annotations
@@ -27,14 +36,17 @@ import base64
 import datetime as dt
 import json
 import mmap
+import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -42,9 +54,8 @@ if str(ROOT) not in sys.path:
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from agent.store.catalog_doc import canonical_text  # noqa: E402
+from agent.protocol import canonical, public_key_b64  # noqa: E402
 from drivers.gs1 import with_check_digit  # noqa: E402
-from agent.protocol import public_key_b64  # noqa: E402
 
 GOAL_INSTALL_S = 30.0
 GOAL_RSS_MB = 300.0
@@ -84,6 +95,10 @@ def product(i: int, rnd: random.Random) -> dict[str, object]:
     }
 
 
+def canonical_text(obj: object) -> str:
+    return canonical(obj).decode("utf-8")
+
+
 def revoked_codes(n: int) -> list[str]:
     return [with_check_digit(f"0699{k:09d}") for k in range(max(1, n // 1000))]
 
@@ -106,7 +121,7 @@ def generate(path: Path, n: int, version: int, key: Ed25519PrivateKey, seed: int
             out.write(canonical_text(items)[1:-1].encode("utf-8"))
         out.write(("]" + tail_revoked + tail_version).encode("utf-8"))
     with open(canon_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        sig = base64.b64encode(key.sign(mm)).decode("ascii")
+        sig = base64.b64encode(key.sign(cast(bytes, mm))).decode("ascii")
         cut = len(mm) - len(tail_version.encode())
         with open(path, "wb") as out:
             view = memoryview(mm)
@@ -137,8 +152,8 @@ def child_install(doc: str, db: str, pubkey: str) -> None:
     """Run in a fresh interpreter: install and print one JSON line with the figures."""
     import logging
 
-    from agent.store.catalog import CatalogStore
     from agent.protocol import load_public_key
+    from agent.store.catalog import CatalogStore
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="  child: %(message)s")
     store = CatalogStore(Path(db), load_public_key(pubkey))
@@ -156,12 +171,13 @@ def run_install(doc: Path, db: Path, pubkey: str) -> dict[str, float]:
         [sys.executable, __file__, "--child-install", str(doc), str(db), pubkey],
         stdout=subprocess.PIPE, text=True, check=True,
     )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    fig: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return fig
 
 
 def bench_lookups(db: Path, pubkey: str, n_products: int, count: int) -> list[float]:
-    from agent.store.catalog import CatalogStore
     from agent.protocol import load_public_key
+    from agent.store.catalog import CatalogStore
 
     store = CatalogStore(db, load_public_key(pubkey))
     rnd = random.Random(7)
@@ -196,6 +212,139 @@ def bench_lookups(db: Path, pubkey: str, n_products: int, count: int) -> list[fl
     return timings
 
 
+def _vm_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_mqtt(host: str, port: str, db: str, pubkey: str, cabinet: str) -> None:
+    """Run in a fresh interpreter: the daemon's MQTT catalog path, one document, figures as JSON.
+
+    Prints ``ready`` once subscribed; then waits for one catalog outcome and prints its JSON line:
+    the wall clock at the outcome, VmHWM, the RSS before, and how many rows were staged.
+    """
+    import logging
+    import queue as queue_module
+
+    from agent.catalog_worker import CatalogWorker
+    from agent.config import PlatformConfig
+    from agent.events import CatalogOutcome, LinkUp
+    from agent.mqtt_link import MqttLink, catalog_topics
+    from agent.protocol import load_public_key
+    from agent.store import catalog as catalog_module
+    from agent.store.catalog import CatalogStore
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="  child: %(message)s")
+    staged = [0]
+    original_add = catalog_module._Stager.add
+
+    def counting_add(self: object, batch: list[object]) -> None:
+        staged[0] += len(batch)
+        original_add(self, batch)  # type: ignore[arg-type]
+
+    catalog_module._Stager.add = counting_add  # type: ignore[method-assign]
+    store = CatalogStore(Path(db), load_public_key(pubkey))
+    outcomes: queue_module.Queue[object] = queue_module.Queue()
+    worker = CatalogWorker(store, outcomes.put)
+    worker.start()
+    inbox: queue_module.Queue[object] = queue_module.Queue()
+    cfg = PlatformConfig(host=host, port=int(port), public_key=pubkey, max_message_mb=256)
+    # a cabinet id of its own: a child must not inherit the persistent session of the one before
+    link = MqttLink(cfg, cabinet, inbox, list(catalog_topics(cabinet)), b"{}", f"cab/v1/{cabinet}/status",
+                    catalog_sink=worker.submit, spool_dir=Path(db).parent)
+    link.start()
+    while not isinstance(inbox.get(timeout=30), LinkUp):
+        pass
+    deadline = time.monotonic() + 30
+    while link.stats.subacks < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rss_before = _vm_rss_mib()
+    print("ready", flush=True)
+    out = outcomes.get(timeout=600)
+    done = time.time()
+    assert isinstance(out, CatalogOutcome)
+    link.stop()
+    worker.stop()
+    store.close()
+    result = out.result
+    print(json.dumps({"done_at": done, "vm_hwm_mib": _vm_hwm_mb(), "rss_before_mib": rss_before,
+                      "staged_rows": staged[0], "outcome": result.outcome if result else None,
+                      "error": out.error.reason if out.error else None,
+                      "products": result.products if result else None}), flush=True)
+
+
+def forge(doc: Path, out: Path) -> None:
+    """The same document, the same size, with a signature that is not the platform's."""
+    data = bytearray(doc.read_bytes())
+    at = data.rfind(b'"sig":"') + len(b'"sig":"')
+    data[at:at + 4] = b"AAAA" if data[at:at + 4] != b"AAAA" else b"BBBB"
+    out.write_bytes(data)
+
+
+def mqtt_install(doc: Path, db: Path, pubkey: str, host: str, port: int) -> tuple[dict[str, Any], float]:
+    """Publish ``doc`` to a fresh child listening on the broker; (its figures, seconds from publish to outcome)."""
+    child = subprocess.Popen([sys.executable, __file__, "--child-mqtt", host, str(port), str(db), pubkey,
+                              f"CAB-BENCH-{db.stem}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"MQTT child did not get ready: {line!r}")
+        t0 = time.time()
+        subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-q", "1", "-t", "cab/v1/catalog",
+                        "-f", str(doc)], check=True)
+        fig: dict[str, Any] = json.loads(child.stdout.readline())
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return fig, fig["done_at"] - t0
+
+
+def compare_mqtt(work: Path, n: int) -> bool:
+    """The --mqtt run: file path vs MQTT path for one snapshot, then a forged one over MQTT."""
+    from agent.sim.broker import PrivateBroker
+
+    key = Ed25519PrivateKey.generate()
+    pubkey = public_key_b64(key)
+    doc, fake = work / "snapshot.json", work / "forged.json"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--child-generate", str(doc), str(n), "1", "1",
+                    key.private_bytes_raw().hex()], check=True)
+    forge(doc, fake)
+    size = doc.stat().st_size
+    payload_mib = size / 2**20
+    print(f"generated {doc.name}: {n} products, {size / 1e6:.1f} MB ({payload_mib:.1f} MiB)"
+          f" in {time.perf_counter() - t:.1f} s; load average {os.getloadavg()[0]:.2f}")
+
+    for f in work.glob("*.db*"):
+        f.unlink()
+    file_fig = run_install(doc, work / "file.db", pubkey)
+    broker = PrivateBroker(log_dir=work)
+    try:
+        mqtt_fig, mqtt_s = mqtt_install(doc, work / "mqtt.db", pubkey, broker.host, broker.port)
+        forged_fig, forged_s = mqtt_install(fake, work / "forged.db", pubkey, broker.host, broker.port)
+    finally:
+        broker.close()
+    goal_rss = 1.5 * payload_mib + 100
+    goal_s = 1.5 * file_fig["elapsed_s"]
+    print(f"file path: {file_fig['outcome']}, {file_fig['products']} products in {file_fig['elapsed_s']:.1f} s,"
+          f" peak RSS {file_fig['vm_hwm_mib']:.1f} MiB")
+    print(f"MQTT path: {mqtt_fig['outcome']}, {mqtt_fig['products']} products in {mqtt_s:.1f} s from publish"
+          f" (goal <= {goal_s:.1f} s = 1.5 x file: {'met' if mqtt_s <= goal_s else 'NOT met'}),"
+          f" peak RSS {mqtt_fig['vm_hwm_mib']:.1f} MiB (idle {mqtt_fig['rss_before_mib']:.1f} MiB;"
+          f" goal <= {goal_rss:.0f} MiB = 1.5 x {payload_mib:.1f} + 100: "
+          f"{'met' if mqtt_fig['vm_hwm_mib'] <= goal_rss else 'NOT met'})")
+    print(f"forged over MQTT: {forged_fig['error']} after {forged_s:.1f} s, {forged_fig['staged_rows']} rows staged,"
+          f" peak RSS {forged_fig['vm_hwm_mib']:.1f} MiB")
+    return (mqtt_fig["outcome"] == "installed" and mqtt_s <= goal_s and mqtt_fig["vm_hwm_mib"] <= goal_rss
+            and forged_fig["error"] == "bad_signature" and forged_fig["staged_rows"] == 0)
+
+
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--child-install":
         child_install(*sys.argv[2:5])
@@ -203,8 +352,12 @@ def main() -> int:
     if len(sys.argv) == 7 and sys.argv[1] == "--child-generate":
         child_generate(*sys.argv[2:7])
         return 0
+    if len(sys.argv) == 7 and sys.argv[1] == "--child-mqtt":
+        child_mqtt(*sys.argv[2:7])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--products", type=int, default=1_000_000)
+    ap.add_argument("--products", type=int, default=None, help="default 1,000,000 (300,000 with --mqtt)")
+    ap.add_argument("--mqtt", action="store_true", help="catalog over MQTT against the file path (issue 9)")
     ap.add_argument("--lookups", type=int, default=100_000)
     ap.add_argument("--reinstall", action="store_true", help="also install a 2nd snapshot over the 1st")
     ap.add_argument("--workdir", help="where to put the documents and the database (default: a temp dir)")
@@ -213,6 +366,13 @@ def main() -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-catalog-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.mqtt:
+        ok = compare_mqtt(work, args.products or 300_000)
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        print("all goals met" if ok else "GOALS MISSED")
+        return 0 if ok else 1
+    args.products = args.products or 1_000_000
     key = Ed25519PrivateKey.generate()
     pubkey = public_key_b64(key)
     docs = [work / "snapshot-v1.json"] + ([work / "snapshot-v2.json"] if args.reinstall else [])

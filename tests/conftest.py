@@ -17,8 +17,8 @@ if str(_ROOT) not in sys.path:
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from agent.sim.broker import PrivateBroker  # noqa: E402
 from agent.platform.refplatform import ReferencePlatform  # noqa: E402
+from agent.sim.broker import PrivateBroker  # noqa: E402
 
 RefPlatformFactory = Callable[..., ReferencePlatform]
 

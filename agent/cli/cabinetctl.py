@@ -2,30 +2,38 @@
 
 Exit codes: 0 success, 1 refused or failed (reason on stderr), 2 usage or config error,
 3 the daemon is not reachable. Reads of the ledger (``sales``, ``verify``, ``export``) open
-the database read-only and work whether the daemon runs or not.
+the database read-only (agent.store.readonly) and never write it: they work whether the daemon
+runs or not, also for an operator who can only read data_dir (operations.md v1.1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
+import math
 import os
+import sqlite3
 import stat
 import sys
+import tempfile
 import time
 import zoneinfo
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from agent.config import Config, config_path, load_config
 from agent.control import request
 from agent.errors import ConfigError, LedgerError
-from agent.store.ledger import Ledger
 from agent.protocol import format_ts, parse_ts
+from agent.store.ledger import Ledger
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+SYNC_POLL_S = 0.5
+MAX_SCAN_WAIT_S = 600.0
 
 
 class CtlExit(Exception):
@@ -47,30 +55,39 @@ class Ctl:
         self.cfg = cfg
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, *, fds: list[int] | None = None,
-             on_progress: Any = None, timeout_s: float | None = 60.0) -> Any:
+             on_progress: Callable[[Any], None] | None = None, timeout_s: float | None = 60.0) -> Any:
         try:
             answer = request(self.cfg.cabinet.control_socket, cmd, args, fds=fds, on_progress=on_progress,
                              timeout_s=timeout_s)
         except (FileNotFoundError, ConnectionRefusedError, ConnectionError, PermissionError) as exc:
-            raise CtlExit(EXIT_UNREACHABLE, f"the daemon is not reachable at {self.cfg.cabinet.control_socket}: {exc}")
+            raise CtlExit(EXIT_UNREACHABLE,
+                          f"the daemon is not reachable at {self.cfg.cabinet.control_socket}: {exc}") from None
         except TimeoutError:
             raise CtlExit(EXIT_UNREACHABLE, "the daemon did not answer in time") from None
         if not answer.get("ok"):
             raise CtlExit(int(answer.get("exit", EXIT_FAILED)), str(answer.get("error")))
         return answer.get("result")
 
-    def ledger(self) -> Ledger:
+    @contextlib.contextmanager
+    def ledger(self) -> Iterator[Ledger]:
+        """The ledger opened read-only (never written: operations.md v1.1), closed afterwards."""
         try:
-            return Ledger(self.cfg.data_dir / "ledger.db", readonly=True)
+            led = Ledger(self.cfg.data_dir / "ledger.db", readonly=True)
         except LedgerError as exc:
             raise CtlExit(EXIT_FAILED, str(exc)) from None
+        try:
+            yield led
+        except sqlite3.DatabaseError as exc:
+            raise CtlExit(EXIT_FAILED, f"cannot read the ledger {led.path}: {exc}") from None
+        finally:
+            led.close()
 
     # -- commands ---------------------------------------------------------------------------------
     def status(self, a: argparse.Namespace) -> int:
         st = self.call("status")
         if a.json:
             _dump(st)
-            return 0
+            return EXIT_OK
         print(f"cabinet   {st['cabinet']}  (agent {st['agent_version']})  mode: {st['mode']}")
         print(f"platform  {'connected' if st['broker_connected'] else 'NOT connected'};  last seq {st['last_seq']},"
               f" unsynced {st['unsynced']}")
@@ -92,13 +109,13 @@ class Ctl:
             w = "no reading" if ln["weight_g"] is None else f"{ln['weight_g']:.1f} g"
             print(f"lane {ln['lane']:<5} {w:>12}  {ln['gtin'] or '(no product)'}")
         print(f"alarms    {', '.join(st['alarms']) if st['alarms'] else 'none'}")
-        return 0
+        return EXIT_OK
 
     def lanes(self, a: argparse.Namespace) -> int:
         rows = self.call("lanes")
         if a.json:
             _dump(rows)
-            return 0
+            return EXIT_OK
         print(f"{'lane':<6}{'door':>4}{'ch':>4}  {'gtin':<15}{'price':>8}{'weight':>10}{'count':>6}  cert  name")
         for r in rows:
             price = "-" if r["price_cents"] is None else f"{r['price_cents'] / 100:.2f}"
@@ -106,17 +123,17 @@ class Ctl:
             count = "-" if r["count"] is None else str(r["count"])
             print(f"{r['lane']:<6}{r['door']:>4}{r['channel']:>4}  {r['gtin'] or '-':<15}{price:>8}{weight:>10}"
                   f"{count:>6}  {'yes' if r['certified'] else 'NO ':<4}  {r['name'] or ''}")
-        return 0
+        return EXIT_OK
 
     def service(self, a: argparse.Namespace) -> int:
         self.call("service", {"on": a.state == "on"})
         print(f"service mode {a.state}")
-        return 0
+        return EXIT_OK
 
     def unlock(self, a: argparse.Namespace) -> int:
         self.call("unlock", {"door": a.door})
         print(f"door {a.door} unlocked")
-        return 0
+        return EXIT_OK
 
     def restock(self, a: argparse.Namespace) -> int:
         def progress(p: dict[str, Any]) -> None:
@@ -129,22 +146,22 @@ class Ctl:
         args = {"lane": a.lane, "qty": a.qty, "code": a.code, "price": a.price, "wait_s": a.wait}
         r = self.call("restock", args, on_progress=progress, timeout_s=a.wait + 30)
         print(f"lane {r['lane']}: restocked {r['qty']} x {r['name']} ({r['gtin']})")
-        return 0
+        return EXIT_OK
 
     def price(self, a: argparse.Namespace) -> int:
         self.call("price", {"lane": a.lane, "cents": a.cents})
         print(f"lane {a.lane}: price {a.cents} cents")
-        return 0
+        return EXIT_OK
 
     def tare(self, a: argparse.Namespace) -> int:
         r = self.call("tare", {"lane": a.lane})
         print(f"tared {', '.join(r['tared'])}")
-        return 0
+        return EXIT_OK
 
     def calibrate(self, a: argparse.Namespace) -> int:
         r = self.call("calibrate", {"lane": a.lane, "grams": a.grams})
         print(f"lane {a.lane}: calibration factor {r['factor']:.6f}")
-        return 0
+        return EXIT_OK
 
     def catalog(self, a: argparse.Namespace) -> int:
         if a.action is None:
@@ -153,7 +170,7 @@ class Ctl:
                 _dump(info)
             else:
                 print(f"version {info['version']}, issued {info['issued_at']}, {info['products']} products")
-            return 0
+            return EXIT_OK
         if a.action == "lookup":
             if not a.arg:
                 raise CtlExit(EXIT_USAGE, "catalog lookup needs a CODE")
@@ -166,7 +183,7 @@ class Ctl:
             else:
                 print(f"{a.arg}: NOT certified - {r['why']}")
                 _err(f"{a.arg} is not certified: {r['reason']}")
-            return 0 if r["certified"] else EXIT_FAILED
+            return EXIT_OK if r["certified"] else EXIT_FAILED
         if a.action == "install":
             if not a.arg:
                 raise CtlExit(EXIT_USAGE, "catalog install needs a FILE")
@@ -201,15 +218,12 @@ class Ctl:
         else:
             print(f"installed catalog version {r['version']} ({'delta' if r['delta'] else 'snapshot'},"
                   f" {r['products']} products)")
-        return 0
+        return EXIT_OK
 
     def sales(self, a: argparse.Namespace) -> int:
         since = _parse_since(a.since, self.cfg.cabinet.timezone) if a.since else None
-        led = self.ledger()
-        try:
+        with self.ledger() as led:
             records = list(led.records(since_at=since, newest_first=True))
-        finally:
-            led.close()
         if a.json:
             _dump([r.wire() for r in records])
         elif a.csv:
@@ -222,61 +236,137 @@ class Ctl:
         else:
             for r in records:
                 print(f"{r.seq:>7}  {r.at}  {_summary(r.type, r.body)}")
-        return 0
+        return EXIT_OK
 
     def sync(self, a: argparse.Namespace) -> int:
         r = self.call("sync")
         print(f"resending from the first unacknowledged record: {r['unsynced']} unsynced")
         if not a.wait:
-            return 0
+            return EXIT_OK
         deadline = time.monotonic() + a.timeout if a.timeout else None
         while True:
-            st = self.call("status")
+            # sync_progress, not status: its answer comes after the ack watermark is on disk,
+            # so an export started once this returns finds nothing unsynced (operations.md)
+            st = self.call("sync_progress")
             link = "" if st["broker_connected"] else " (platform not connected)"
             print(f"unsynced {st['unsynced']}, acknowledged up to seq {st['acked_upto']} of {st['last_seq']}{link}",
                   file=sys.stderr, flush=True)
             if st["unsynced"] == 0:
                 print("all records acknowledged")
-                return 0
+                return EXIT_OK
             if deadline is not None and time.monotonic() > deadline:
                 raise CtlExit(EXIT_FAILED, f"{st['unsynced']} records still unacknowledged")
-            time.sleep(1.0)
+            time.sleep(SYNC_POLL_S)   # the pace of the progress lines, not a synchronisation
 
     def verify(self, a: argparse.Namespace) -> int:
-        led = self.ledger()
-        try:
+        with self.ledger() as led:
             bad, why = led.verify()
-        finally:
-            led.close()
         if a.json:
             _dump({"ok": bad is None, "bad_seq": bad, "detail": why})
         if bad is None:
             if not a.json:
                 print(f"ledger ok: {why}")
-            return 0
+            return EXIT_OK
         print(f"ledger broken at seq {bad}: {why}", file=sys.stderr)
         return EXIT_FAILED
 
     def export(self, a: argparse.Namespace) -> int:
-        led = self.ledger()
         out = Path(a.out)
-        tmp = out.with_name(out.name + ".part")
-        count = 0
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for rec in led.records(newest_first=False, from_seq=led.acked_upto + 1):
-                    fh.write(json.dumps(rec.wire(), ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n")
-                    count += 1
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise CtlExit(EXIT_FAILED, f"cannot write {out}: {exc.strerror or exc}") from None
-        finally:
-            led.close()
+        _refuse_symlink(out)
+        with self.ledger() as led:
+            count = _write_new_file(out, _export_lines(led, self.cfg.cabinet.id))
         print(f"exported {count} unsynced records to {out}")
-        return 0
+        return EXIT_OK
+
+
+def _export_lines(led: Ledger, cabinet: str) -> Iterator[str]:
+    """The unsynced records, one JSON line each, as in mqtt.md plus the cabinet id (v1.1)."""
+    for rec in led.records(newest_first=False, from_seq=led.acked_upto + 1):
+        line = {**rec.wire(), "cabinet": cabinet}
+        yield json.dumps(line, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def _refuse_symlink(path: Path) -> None:
+    """A symlink planted at the export's name would make us overwrite whatever it points to."""
+    if path.is_symlink():
+        raise CtlExit(EXIT_FAILED, f"{path} is a symbolic link: refusing to write through it")
+
+
+def _write_new_file(out: Path, lines: Iterable[str]) -> int:
+    """Write ``lines`` to ``out`` through a new file in its directory, renamed into place.
+
+    The new file is created with O_CREAT|O_EXCL under an unpredictable name (mkstemp), so
+    nothing planted beside ``out`` is ever followed; ``out`` only ever holds a complete file.
+    Returns the number of lines.
+    """
+    directory = out.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=directory)
+    except OSError as exc:
+        raise CtlExit(EXIT_FAILED, f"cannot write {out}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())   # mkstemp makes 0600; a plain file as open() would
+            for line in lines:
+                fh.write(line)
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        _refuse_symlink(out)   # planted while we wrote
+        os.replace(tmp, out)
+        _fsync_dir(directory)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CtlExit(EXIT_FAILED, f"cannot write {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (a USB stick pulled right after must hold the file)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite, positive number of seconds (``nan`` is not one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds above 0")
+    return value
+
+
+def _scan_wait(text: str) -> float:
+    value = _seconds(text)
+    if value > MAX_SCAN_WAIT_S:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SCAN_WAIT_S:.0f} seconds")
+    return value
+
+
+def _timeout(text: str) -> float:
+    """argparse type of ``sync --timeout``: 0 (no limit) or a finite positive number of seconds."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _seconds(text)
 
 
 def _parse_since(text: str, tz: str) -> str:
@@ -309,49 +399,47 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
 
-    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return _add(name, parents=[common], **kw)
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
 
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-    s = sub.add_parser("status", help="mode, doors, lanes, sync, alarms")
+    s = add("status", help="mode, doors, lanes, sync, alarms")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("service", help="enter or leave service mode")
+    s = add("service", help="enter or leave service mode")
     s.add_argument("state", choices=["on", "off"])
-    s = sub.add_parser("unlock", help="service unlock of a door")
+    s = add("unlock", help="service unlock of a door")
     s.add_argument("door", type=int)
-    s = sub.add_parser("restock", help="put a certified product into a lane")
+    s = add("restock", help="put a certified product into a lane")
     s.add_argument("lane")
     s.add_argument("--qty", type=int, default=1)
     s.add_argument("--code", help="product code; without it, scan the product with the camera")
     s.add_argument("--price", type=int, help="price in cents (needed for a product new to the lane)")
-    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a scan")
-    s = sub.add_parser("lanes", help="planogram: lane, product, price, weight, count")
+    s.add_argument("--wait", type=_scan_wait, default=30.0, help="seconds to wait for a scan")
+    s = add("lanes", help="planogram: lane, product, price, weight, count")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("price", help="set a lane's price")
+    s = add("price", help="set a lane's price")
     s.add_argument("lane")
     s.add_argument("cents", type=int)
-    s = sub.add_parser("tare", help="zero a lane's scale (or all)")
+    s = add("tare", help="zero a lane's scale (or all)")
     s.add_argument("lane")
-    s = sub.add_parser("calibrate", help="calibrate a lane's scale with a known weight on it")
+    s = add("calibrate", help="calibrate a lane's scale with a known weight on it")
     s.add_argument("lane")
     s.add_argument("grams", type=float)
-    s = sub.add_parser("catalog", help="catalog info, lookup CODE, install FILE")
+    s = add("catalog", help="catalog info, lookup CODE, install FILE")
     s.add_argument("action", nargs="?", choices=["lookup", "install"])
     s.add_argument("arg", nargs="?", metavar="CODE|FILE")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("sales", help="ledger records, newest first")
+    s = add("sales", help="ledger records, newest first")
     s.add_argument("--since", help="RFC 3339 time or date")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true")
     g.add_argument("--csv", action="store_true")
-    s = sub.add_parser("sync", help="resend unacknowledged records")
+    s = add("sync", help="resend unacknowledged records")
     s.add_argument("--wait", action="store_true", help="block until every record is acknowledged")
-    s.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds")
-    s = sub.add_parser("verify", help="recompute the ledger's hash chain")
+    s.add_argument("--timeout", type=_timeout, default=0.0, help="with --wait: give up after this many seconds")
+    s = add("verify", help="recompute the ledger's hash chain")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("export", help="write unsynced records as JSON lines")
+    s = add("export", help="write unsynced records as JSON lines")
     s.add_argument("--out", required=True)
     return p
 
@@ -364,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             _err(problem)
         return EXIT_USAGE
-    ctl = Ctl(cfg)
+    command: Callable[[argparse.Namespace], int] = getattr(Ctl(cfg), args.command)
     try:
-        return getattr(ctl, args.command)(args)
+        return command(args)
     except CtlExit as exc:
         if str(exc):
             _err(str(exc))

@@ -6,7 +6,9 @@ Output, one line per decoded code, in the order the images were given:
 ``IMAGE<TAB>SYMBOLOGY<TAB>TEXT<TAB>GTIN-or-empty``, or with ``--json`` one object per line
 ``{"image", "symbology", "text", "gtin"}`` (gtin null when the code is not a product code).
 An image with no code prints nothing. Exit 0, or 2 if any file could not be read (each
-named on stderr; the others are still processed).
+named on stderr; the others are still processed). A missing decoder library is said on
+stderr in one line and the other decoder does the work; with neither, one line and exit 2
+(a usage/config error: this installation cannot decode). Never a traceback.
 
 In the tab-separated form, control characters inside TEXT (a GS1 separator, a newline in a
 QR code) are written as backslash escapes (``\\x1d``, ``\\n``, ``\\t``) so that one code stays
@@ -23,6 +25,7 @@ from typing import TextIO
 import cv2
 import numpy as np
 
+from drivers.camera.backends import DecoderUnavailable
 from drivers.camera.decoder import BarcodePipeline
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,14 @@ def read_gray(path: str) -> np.ndarray | None:
 def run(paths: list[str], as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
         pipeline: BarcodePipeline | None = None) -> int:
     """Decode every image in ``paths``; returns the exit code."""
-    pipe = pipeline or BarcodePipeline()
+    try:
+        pipe = pipeline or BarcodePipeline()
+    except DecoderUnavailable as exc:  # neither zxing-cpp nor zbar can be loaded
+        print(f"cabinet-agent decode: no barcode decoder available: {exc.reason}", file=err)
+        return EXIT_UNREADABLE
+    if pipe.degraded:
+        print(f"cabinet-agent decode: warning: {pipe.degraded}; decoding with "
+              f"{' and '.join(pipe.backends.names)} only", file=err)
     rc = EXIT_OK
     for path in paths:
         img = read_gray(path)

@@ -34,7 +34,7 @@ def _stop_on_signals() -> threading.Event:
 
 def cmd_run(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
-    from agent.config import config_path, load_config   # heavy imports after the handlers
+    from agent.config import config_path, load_config  # heavy imports after the handlers
     from agent.daemon import Daemon
 
     _setup_logging(args.log_level)
@@ -62,15 +62,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config import config_path, load_config
+    """Exit 0, or 2 with one ``key.path: ...`` line per problem on stderr (operations.md);
+    besides the keys, v1.1 checks that the files the config names can be read."""
+    from agent.config import config_path, file_problems, load_config
 
     path = config_path(args.config)
     try:
-        load_config(path)
+        cfg = load_config(path)
+        problems = file_problems(cfg)
     except ConfigError as exc:
-        for problem in exc.problems:
+        problems = exc.problems
+    if problems:
+        for problem in problems:
             print(problem, file=sys.stderr)
         return 2
+    for warning in cfg.platform.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok")
     return 0
 

@@ -20,7 +20,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -30,17 +29,14 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from agent.config import CABINET_ID_RE
-from agent.store.ledger import ZERO_HASH
-from agent.store.ledger import record_hash as ledger_record_hash
-from agent.mqtt_link import set_no_delay
-from agent.sync import MAX_BATCH_BYTES
 from agent import protocol
+from agent.mqtt_link import set_no_delay
+from agent.platform import signing
+from agent.platform.chain import malformed_reason
+from agent.protocol import CABINET_ID_RE, CATALOG_DELTA_TOPIC, CATALOG_TOPIC, MAX_BATCH_BYTES, ZERO_HASH, record_hash_of
 
 log = logging.getLogger(__name__)
 
-CATALOG_TOPIC = "cab/v1/catalog"
-CATALOG_DELTA_TOPIC = "cab/v1/catalog/delta"
 _MAX_ERROR_MESSAGES = 1000
 # wait_for() re-checks at least this often, so a predicate may also look at state
 # outside the platform (an agent's ledger); platform state changes notify at once.
@@ -49,7 +45,7 @@ _RECHECK_S = 0.1
 
 def record_hash(record: Mapping[str, Any]) -> str:
     """The ``hash`` of a record (mqtt.md): SHA-256 of the canonical JSON of exactly five keys."""
-    return ledger_record_hash(record["seq"], record["type"], record["at"], record["prev"], record["body"])
+    return record_hash_of(record)
 
 
 @dataclass(frozen=True)
@@ -69,42 +65,12 @@ class ChainError:
         return f"seq {self.seq}: {self.reason} ({self.detail})"
 
 
-def _malformed_record_reason(rec: Any) -> str | None:
-    """Why a record does not have the shape of mqtt.md, or None if it does.
-
-    ``prev`` and ``hash`` only need to be strings here: one that is not 64 hex digits
-    can never equal a computed hash, so it surfaces as a chain error anyway.
-    """
-    if not isinstance(rec, dict):
-        return f"record is {type(rec).__name__}, not an object"
-    seq = rec.get("seq")
-    if type(seq) is not int or seq < 1:  # bool is an int subclass: excluded on purpose
-        return f"seq {seq!r} is not an integer >= 1"
-    for key in ("type", "at", "prev", "hash"):
-        if not isinstance(rec.get(key), str):
-            return f"seq {seq}: {key} is not a string"
-    if not isinstance(rec.get("body"), dict):
-        return f"seq {seq}: body is not an object"
-    return None
-
-
 def _encode(payload: bytes | str | Mapping[str, Any]) -> bytes:
     if isinstance(payload, bytes):
         return payload
     if isinstance(payload, str):
         return payload.encode("utf-8")
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _now_ms() -> dt.datetime:
-    """Now, truncated to the millisecond the wire format carries (so ttl stays exact)."""
-    now = dt.datetime.now(dt.timezone.utc)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def _ts(value: dt.datetime | str) -> str:
-    """A datetime in wire format; a string is passed through verbatim (tests send bad ones)."""
-    return value if isinstance(value, str) else protocol.format_ts(value)
 
 
 class ReferencePlatform:
@@ -313,36 +279,37 @@ class ReferencePlatform:
         try:
             batch = json.loads(payload)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            self._error("records: not JSON: %s" % exc)
+            self._error(f"records: not JSON: {exc}")
             return
         if not isinstance(batch, dict) or not isinstance(batch.get("records"), list):
             self._error("records: not an object with a records list")
             return
         if batch.get("cabinet") != self.cabinet_id:
-            self._error("records: cabinet %r is not %r" % (batch.get("cabinet"), self.cabinet_id))
+            self._error(f"records: cabinet {batch.get('cabinet')!r} is not {self.cabinet_id!r}")
             return
         records: list[Any] = batch["records"]
 
         problems: list[str] = []
         if len(payload) > MAX_BATCH_BYTES:
-            problems.append("records: batch of %d bytes exceeds %d" % (len(payload), MAX_BATCH_BYTES))
+            problems.append(f"records: batch of {len(payload)} bytes exceeds {MAX_BATCH_BYTES}")
         verified: list[dict[str, Any]] = []
         chain_errors: list[ChainError] = []
         previous_seq: int | None = None
         in_order = True
         for rec in records:
-            why = _malformed_record_reason(rec)
+            why = malformed_reason(rec)
             if why is not None:
                 problems.append("records: " + why)
                 continue
             seq = rec["seq"]
             if in_order and previous_seq is not None and seq != previous_seq + 1:
                 in_order = False  # one violation per batch
-                problems.append("records: seq %d follows %d in one batch (must be consecutive)" % (seq, previous_seq))
+                problems.append(f"records: seq {seq} follows {previous_seq} in one batch (must be consecutive)")
             previous_seq = seq
             digest = record_hash(rec)
             if digest != rec["hash"]:
-                chain_errors.append(ChainError(seq, "bad_hash", f"claims {rec['hash'][:12]}…, content hashes to {digest[:12]}…"))
+                chain_errors.append(ChainError(seq, "bad_hash",
+                                               f"claims {rec['hash'][:12]}…, content hashes to {digest[:12]}…"))
                 continue
             verified.append(rec)
 
@@ -383,11 +350,13 @@ class ReferencePlatform:
                 before = records.get(seq - 1)
                 expected_prev = before["hash"] if before is not None else None
             if expected_prev is not None and rec["prev"] != expected_prev:
-                chain_errors.append(ChainError(seq, "bad_prev", f"prev {rec['prev'][:12]}…, seq {seq - 1} is {expected_prev[:12]}…"))
+                chain_errors.append(ChainError(seq, "bad_prev",
+                                               f"prev {rec['prev'][:12]}…, seq {seq - 1} is {expected_prev[:12]}…"))
                 continue
             after = records.get(seq + 1)
             if after is not None and after["prev"] != digest:
-                chain_errors.append(ChainError(seq, "bad_prev", f"held seq {seq + 1} points at {after['prev'][:12]}…, not at {digest[:12]}…"))
+                chain_errors.append(ChainError(
+                    seq, "bad_prev", f"held seq {seq + 1} points at {after['prev'][:12]}…, not at {digest[:12]}…"))
                 continue
             records[seq] = rec
         upto = self.contiguous_upto
@@ -408,18 +377,8 @@ class ReferencePlatform:
         command_id: str | None = None,
     ) -> dict[str, Any]:
         """A signed command; timestamps may be datetimes or verbatim strings (to test bad ones)."""
-        issued = issued_at if issued_at is not None else _now_ms()
-        if expires_at is None:
-            base = protocol.parse_ts(issued) if isinstance(issued, str) else issued
-            expires_at = base + dt.timedelta(seconds=ttl_s)
-        command = {
-            "id": command_id or str(uuid.uuid4()),
-            "type": type,
-            "issued_at": _ts(issued),
-            "expires_at": _ts(expires_at),
-            "args": dict(args),
-        }
-        return protocol.sign(command, self.private_key)
+        return signing.make_command(self.private_key, type, args, ttl_s=ttl_s, issued_at=issued_at,
+                                    expires_at=expires_at, command_id=command_id)
 
     def send_command(self, type: str, args: Mapping[str, Any], **kw: Any) -> str:  # noqa: A002
         """Sign and publish a command (QoS 1, waits for the broker's PUBACK); returns its id."""
@@ -444,7 +403,7 @@ class ReferencePlatform:
         try:
             reply = json.loads(payload)
         except ValueError as exc:
-            self._error("cmd/reply: not JSON: %s" % exc)
+            self._error(f"cmd/reply: not JSON: {exc}")
             return
         if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
             self._error("cmd/reply: not an object with a string id")
@@ -464,14 +423,8 @@ class ReferencePlatform:
         issued_at: dt.datetime | str | None = None,
     ) -> dict[str, Any]:
         """A signed catalog document: a snapshot, or a delta when ``base_version`` is given."""
-        doc = {
-            "version": version,
-            "base_version": base_version,
-            "issued_at": _ts(issued_at if issued_at is not None else _now_ms()),
-            "products": [dict(p) for p in products],
-            "revoked": list(revoked),
-        }
-        return protocol.sign(doc, self.private_key)
+        return signing.make_catalog(self.private_key, version, products, base_version=base_version,
+                                    revoked=revoked, issued_at=issued_at)
 
     def publish_catalog(
         self,
@@ -499,7 +452,7 @@ class ReferencePlatform:
         try:
             status = json.loads(payload)
         except ValueError as exc:
-            self._error("status: not JSON: %s" % exc)
+            self._error(f"status: not JSON: {exc}")
             return
         if not isinstance(status, dict):
             self._error("status: not an object")
@@ -530,7 +483,7 @@ class ReferencePlatform:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:
             if reason_code.is_failure:
-                self._error("connect refused: %s" % reason_code)
+                self._error(f"connect refused: {reason_code}")
                 return
             topics = [(self.records_topic, 1), (self.status_topic, 1), (self.reply_topic, 1)]
             # Subscribe on every connect: a broker restart without persistence forgets us.
@@ -540,7 +493,8 @@ class ReferencePlatform:
                 self.connections += 1
                 self._sub_mid = mid
                 self._cond.notify_all()
-            log.info("platform %s connected (session present %s), subscribe rc %s", self.client_id, flags.session_present, rc)
+            log.info("platform %s connected (session present %s), subscribe rc %s", self.client_id,
+                     flags.session_present, rc)
         except Exception:  # noqa: BLE001 - must not kill paho's network thread
             log.exception("platform on_connect failed")
             self._error("on_connect raised")
@@ -552,7 +506,7 @@ class ReferencePlatform:
                 if mid != self._sub_mid:
                     return
                 if failed:
-                    self._error_locked("subscribe refused: %s" % ", ".join(failed))
+                    self._error_locked("subscribe refused: " + ", ".join(failed))
                 else:
                     self.ready = True
                 self._cond.notify_all()
@@ -571,13 +525,13 @@ class ReferencePlatform:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            topic = msg.topic
+            topic, payload = msg.topic, bytes(msg.payload)
             if topic == self.records_topic:
-                self._on_records(msg.payload)
+                self._on_records(payload)
             elif topic == self.status_topic:
-                self._on_status(msg.payload)
+                self._on_status(payload)
             elif topic == self.reply_topic:
-                self._on_reply(msg.payload)
+                self._on_reply(payload)
             else:
                 log.debug("platform ignores a message on %s", topic)
         except Exception:  # noqa: BLE001 - a bad message must not stop the platform

@@ -2,10 +2,17 @@
 
 Each instance runs its own ``mosquitto`` process on its own port with a generated
 config, so tests never share a broker (or its retained messages and sessions) and
-never depend on a system broker. The limits are opened up on purpose: the agent's
-offline backlog lives in persistent sessions and must not be dropped by the broker
-(``max_queued_messages``), and a full catalog snapshot may be as large as MQTT allows
-(``max_packet_size``).
+never depend on a system broker. The default ``profile="tuned"`` opens the limits up on
+purpose: the agent's offline backlog lives in persistent sessions and must not be dropped by
+the broker (``max_queued_messages``), a full catalog snapshot may be as large as MQTT allows
+(``max_packet_size``), and ``set_tcp_nodelay`` is on. ``profile="stock"`` keeps Mosquitto's
+own defaults instead (Nagle on, 20 in flight, 1000 queued), which is what a platform we do not
+own may run: the benchmarks measure the agent against both.
+
+Optional, additive: a TLS listener beside the plain one (``tls=TlsListener(...)``, mutual TLS
+with ``require_certificate``), a ``password_file`` and an ``acl_file`` (anonymous clients are
+then refused unless ``allow_anonymous=True``), persistence (``persistence_dir``), and
+``extra_config`` lines appended as they are (e.g. the listeners of an example config).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -56,12 +64,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+PROFILES = ("tuned", "stock")
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener: the server's certificate and key, and for mutual TLS the CA clients need."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path | None = None
+    require_certificate: bool = False
+    use_identity_as_username: bool = False
+    port: int | None = None  # None: a free port
+
+
 class PrivateBroker:
     """A Mosquitto process of our own, started by the constructor (unless ``autostart=False``).
 
     ``port=None`` picks a free port (retrying if another process grabs it first);
     ``restart()`` keeps the port so clients can reconnect to the same address.
     ``persistence_dir`` makes sessions and retained messages survive ``restart()``.
+    ``tls_port`` is the TLS listener's port when ``tls`` is given.
     """
 
     def __init__(
@@ -74,15 +98,31 @@ class PrivateBroker:
         binary: str | None = None,
         autostart: bool = True,
         start_timeout: float = START_TIMEOUT_S,
+        profile: str = "tuned",
+        tls: TlsListener | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        allow_anonymous: bool | None = None,
+        extra_config: str = "",
     ) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
         self.host = host
         self._fixed_port = port
         self.port: int = port or 0
+        self.profile = profile
+        self.tls = tls
+        self.tls_port: int = (tls.port or 0) if tls is not None else 0
+        self._password_file = password_file
+        self._acl_file = acl_file
+        self._allow_anonymous = allow_anonymous if allow_anonymous is not None else password_file is None
+        self._extra_config = extra_config
         self._binary = binary or find_mosquitto()
         self._workdir = Path(tempfile.mkdtemp(prefix="cab-mosquitto-"))
         self._log_dir = Path(log_dir) if log_dir is not None else self._workdir
         self._persistence_dir = Path(persistence_dir) if persistence_dir is not None else None
         self._start_timeout = start_timeout
+        self._tls_fixed = False
         self._proc: subprocess.Popen[bytes] | None = None
         if autostart:
             try:
@@ -119,13 +159,18 @@ class PrivateBroker:
         if self._persistence_dir is not None:
             self._persistence_dir.mkdir(parents=True, exist_ok=True)
         auto = not self.port
+        auto_tls = self.tls is not None and not (self.tls.port or self._tls_fixed)
         last_error = ""
-        for attempt in range(_PORT_ATTEMPTS if auto else 1):
+        for attempt in range(_PORT_ATTEMPTS if auto or auto_tls else 1):
             port = free_port(self.host) if auto else self.port
+            if auto_tls:
+                self.tls_port = free_port(self.host)
             ok, last_error, in_use = self._try_start(port)
             if ok:
                 self.port = port
-                log.info("mosquitto pid %d listening on %s:%d", self.pid, self.host, port)
+                self._tls_fixed = self.tls is not None  # restart() keeps the TLS port too
+                log.info("mosquitto pid %d listening on %s:%d%s", self.pid, self.host, port,
+                         f" (TLS on {self.tls_port})" if self.tls is not None else "")
                 return self
             if not in_use:
                 break
@@ -182,18 +227,36 @@ class PrivateBroker:
     # -- internals --------------------------------------------------------------
 
     def config_text(self, port: int) -> str:
-        """The generated mosquitto.conf (2.0 syntax): one anonymous listener, limits opened up."""
+        """The generated mosquitto.conf (2.0 syntax): a plain listener (and a TLS one), per profile."""
         lines = [
             "per_listener_settings false",
             f"listener {port} {self.host}",
-            "allow_anonymous true",
-            "set_tcp_nodelay true",
-            # Offline persistent sessions must keep the whole backlog, however long.
-            "max_queued_messages 0",
-            "max_queued_bytes 0",
-            "max_inflight_messages 0",
-            "max_inflight_bytes 0",
-            f"max_packet_size {MAX_PACKET_SIZE}",
+            f"allow_anonymous {'true' if self._allow_anonymous else 'false'}",
+        ]
+        if self.profile == "tuned":
+            lines += [
+                "set_tcp_nodelay true",
+                # Offline persistent sessions must keep the whole backlog, however long.
+                "max_queued_messages 0",
+                "max_queued_bytes 0",
+                "max_inflight_messages 0",
+                "max_inflight_bytes 0",
+                f"max_packet_size {MAX_PACKET_SIZE}",
+            ]
+        if self._password_file is not None:
+            lines.append(f"password_file {self._password_file}")
+        if self._acl_file is not None:
+            lines.append(f"acl_file {self._acl_file}")
+        if self.tls is not None:
+            t = self.tls
+            lines += [f"listener {self.tls_port} {self.host}", f"certfile {t.certfile}", f"keyfile {t.keyfile}",
+                      "tls_version tlsv1.2"]
+            if t.cafile is not None:
+                lines.append(f"cafile {t.cafile}")
+            lines.append(f"require_certificate {'true' if t.require_certificate else 'false'}")
+            if t.use_identity_as_username:
+                lines.append("use_identity_as_username true")
+        lines += [
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -201,6 +264,8 @@ class PrivateBroker:
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         ]
+        if self._extra_config:
+            lines += ["# extra", self._extra_config.strip()]
         if os.geteuid() == 0:
             # mosquitto drops root to user "mosquitto", which could not read our files.
             lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
@@ -231,7 +296,8 @@ class PrivateBroker:
                 return False, _tail(output), "Address already in use" in output
             # "running" is logged after every listener is open; the TCP probe then proves
             # the port is ours (a stranger on a stolen port would have made us exit).
-            if " running" in output and _accepts(self.host, port):
+            if " running" in output and _accepts(self.host, port) and (
+                    self.tls is None or _accepts(self.host, self.tls_port)):
                 self._proc = proc
                 return True, "", False
             if time.monotonic() > deadline:

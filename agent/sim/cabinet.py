@@ -21,13 +21,18 @@ from typing import Any
 
 import tomli_w
 
+from agent.errors import AgentError
+from agent.platform.refplatform import ReferencePlatform
 from agent.sim.broker import PrivateBroker
 from drivers.gs1 import with_check_digit
-from agent.platform.refplatform import ReferencePlatform
 from drivers.lockboard.simulator import LockBoardSimulator
 from drivers.scales.simulator import ScaleSimulator
 
 log = logging.getLogger(__name__)
+
+
+class SimulationError(AgentError):
+    """The simulated cabinet did not do what a step expected (a command refused, a door kept shut)."""
 
 
 def _gtin(ean13_body: str) -> str:
@@ -79,7 +84,7 @@ class Timings:
     ack_timeout_s: float = 30.0
 
     @classmethod
-    def fast(cls) -> "Timings":
+    def fast(cls) -> Timings:
         """Short timings for tests: the same rules, less waiting."""
         return cls(latch_release_s=0.15, settle_s=0.3, open_timeout_s=3.0, door_open_alarm_s=5.0, ack_timeout_s=3.0)
 
@@ -110,7 +115,7 @@ class SimulatedCabinet:
         self.catalog_version = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self, *, assign_lanes: bool = True, publish_catalog: bool = True) -> "SimulatedCabinet":
+    def start(self, *, assign_lanes: bool = True, publish_catalog: bool = True) -> SimulatedCabinet:
         """Start everything; on any failure stop what was started (no broker or agent left behind)."""
         try:
             return self._start(assign_lanes, publish_catalog)
@@ -118,7 +123,7 @@ class SimulatedCabinet:
             self.stop()
             raise
 
-    def _start(self, assign_lanes: bool, publish_catalog: bool) -> "SimulatedCabinet":
+    def _start(self, assign_lanes: bool, publish_catalog: bool) -> SimulatedCabinet:
         self.broker = PrivateBroker(log_dir=self.workdir)
         self.lockboard = LockBoardSimulator(address=1, latch_release_s=self.timings.latch_release_s,
                                             on_unlock=self.on_unlock)
@@ -176,24 +181,25 @@ class SimulatedCabinet:
 
     def wait_catalog(self, version: int, timeout: float = 30.0) -> None:
         """Until the agent's status reports catalog ``version`` installed."""
-        assert self.platform
-        self.platform.wait_for(lambda: (self.platform.status or {}).get("catalog_version") == version, timeout,
-                               f"catalog version {version} installed")
+        platform = self.platform
+        assert platform
+        platform.wait_for(lambda: (platform.status or {}).get("catalog_version") == version, timeout,
+                          f"catalog version {version} installed")
 
     def start_agent(self, wait: bool = True) -> None:
-        assert self.platform
+        platform = self.platform
+        assert platform
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         log_fh = open(self.agent_log, "ab")
-        connections = len(self.platform.statuses)
+        connections = len(platform.statuses)
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config_path), "--log-level", self.log_level],
             stdout=log_fh, stderr=subprocess.STDOUT, env=env,
         )
         log_fh.close()
         if wait:
-            self.platform.wait_for(
-                lambda: len(self.platform.statuses) > connections and bool(self.platform.status)
-                and self.platform.status.get("online") is True,
+            platform.wait_for(
+                lambda: len(platform.statuses) > connections and (platform.status or {}).get("online") is True,
                 30, "agent online")
 
     def kill_agent(self) -> None:
@@ -224,7 +230,7 @@ class SimulatedCabinet:
                 except Exception:  # noqa: BLE001 - best effort teardown
                     log.exception("stopping %r", part)
 
-    def __enter__(self) -> "SimulatedCabinet":
+    def __enter__(self) -> SimulatedCabinet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -236,7 +242,7 @@ class SimulatedCabinet:
         cid = self.platform.send_command(type_, args)
         reply = self.platform.wait_reply(cid, timeout)
         if not reply.get("ok"):
-            raise RuntimeError(f"{type_} {args} refused: {reply.get('error')}")
+            raise SimulationError(f"{type_} {args} refused: {reply.get('error')}")
         return reply
 
     def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -262,10 +268,11 @@ class SimulatedCabinet:
         return sid
 
     def wait_door_seen_open(self, door: int, timeout: float = 10.0) -> None:
-        assert self.platform
-        self.platform.wait_for(
+        platform = self.platform
+        assert platform
+        platform.wait_for(
             lambda: any(d.get("door") == door and d.get("open") is True
-                        for d in (self.platform.status or {}).get("doors", [])),
+                        for d in (platform.status or {}).get("doors", [])),
             timeout, f"door {door} reported open")
 
     def shop(self, door: int, takes: dict[str, int], shopper: str = "shopper-1", auth: str = "face",
@@ -274,7 +281,7 @@ class SimulatedCabinet:
         assert self.lockboard and self.platform
         sid = self.authorize(door, shopper, auth)
         if not self.lockboard.open_door(door):
-            raise RuntimeError(f"door {door} was not released after the unlock")
+            raise SimulationError(f"door {door} was not released after the unlock")
         self.wait_door_seen_open(door)
         for lane, qty in takes.items():
             self.take(lane, qty)
@@ -285,11 +292,12 @@ class SimulatedCabinet:
 
     def wait_session_end(self, session_id: str, timeout: float = 20.0) -> dict[str, Any]:
         """The record that ended the session (sale, session_empty or session_timeout), as received."""
-        assert self.platform
+        platform = self.platform
+        assert platform
         found: list[dict[str, Any]] = []
 
         def ended() -> bool:
-            for rec in self.platform.records.values():
+            for rec in platform.records.values():
                 body = rec["body"]
                 if body.get("session_id") == session_id and (
                         rec["type"] == "sale" or body.get("kind") in ("session_empty", "session_timeout")):
@@ -297,5 +305,5 @@ class SimulatedCabinet:
                     return True
             return False
 
-        self.platform.wait_for(ended, timeout, f"end of session {session_id}")
+        platform.wait_for(ended, timeout, f"end of session {session_id}")
         return found[0]

@@ -74,9 +74,9 @@ def camera_frames(folder: Path, fps: float = 10.0) -> str:
     uncertified product up to the idle cabinet (the agent reports it as uncertified_scan)."""
     import cv2
 
-    from drivers.gs1 import with_check_digit
     from drivers.camera import symbology as sym
     from drivers.camera.synth import CodeSpec, Degradation, compose, empty_frame
+    from drivers.gs1 import with_check_digit
 
     folder.mkdir(parents=True, exist_ok=True)
     code = with_check_digit("697123450001")
@@ -145,7 +145,8 @@ def run_demo(sessions: int = 8, speed: float = 1.0, out: TextIO = sys.stdout, se
         print("\n" + result.stdout.rstrip(), file=out)
         sales = cab.platform.sales()
         total = sum(s["total_cents"] for s in sales)
-        print(f"\n{len(sales)} sales, {total / 100:.2f} in total; the platform holds records 1..{cab.platform.contiguous_upto}"
+        print(f"\n{len(sales)} sales, {total / 100:.2f} in total; the platform holds records"
+              f" 1..{cab.platform.contiguous_upto}"
               f" with {len(cab.platform.chain_errors)} chain errors and acknowledged them all.", file=out)
         return 0
     except KeyboardInterrupt:

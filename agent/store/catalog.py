@@ -1,12 +1,14 @@
 """The cabinet's cached certified catalog (mqtt.md, Catalog documents): install and lookups.
 
 The catalog lives in its own SQLite file (``{data_dir}/catalog.db``, WAL) so that a national
-snapshot never competes with the ledger for locks or fsyncs.
+snapshot never competes with the ledger for locks or fsyncs. Its tables are the numbered
+migrations ``agent.store.schema.CATALOG``, checked and applied at every open.
 
-Atomicity: every install is ONE SQLite write transaction. A snapshot is streamed into a staging
-table inside that transaction; only after the Ed25519 signature has verified does the same
-transaction drop the old table, build the unique GTIN index and rename the staging table into
-place (a delta upserts from the staging table instead), then update the metadata row and COMMIT.
+Atomicity: every install is ONE SQLite write transaction. Nothing is staged before the Ed25519
+signature has verified (a forged document never writes a row): pass 2 keeps the validated rows
+in an unnamed file, and once the signature holds they are appended to a staging table; the same
+transaction then drops the old table, builds the unique GTIN index and renames the staging table
+into place (a delta upserts from the staging table instead), updates the metadata row and COMMITs.
 Until COMMIT nothing is durable: a SIGKILL or power cut at any point leaves WAL frames without a
 commit record, which SQLite ignores on the next open, so the old catalog stays whole and no
 staging state survives to trouble the next install (``DROP TABLE IF EXISTS products_new`` is
@@ -19,8 +21,9 @@ SQLite, and every reader would have to notice the swap and reopen.
 
 Scale: a 1,000,000-product snapshot (~230 MB) is never held as Python objects. ``catalog_doc``
 reads it in two streaming passes, rebuilds its canonical bytes into an unnamed temporary file
-(O_TMPFILE, so a crash leaves nothing behind) and stages products in batches; the file is then
-mmapped for ``Ed25519PublicKey.verify`` (pure Ed25519 hashes the whole message in one call).
+(O_TMPFILE, so a crash leaves nothing behind) and keeps the validated product rows in another;
+the canonical file is then mmapped for ``Ed25519PublicKey.verify`` (pure Ed25519 hashes the
+whole message in one call), and the rows are staged in batches.
 That mapping is the RSS peak: about 35 MiB of interpreter plus the canonical size, ~270 MiB for
 a million products; the page cache and the heap freed by the passes are handed back to the OS
 just before it. Staging appends to a plain rowid table and the unique
@@ -53,6 +56,7 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import marshal
 import mmap
 import os
 import shutil
@@ -63,12 +67,14 @@ import threading
 import time
 import weakref
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.errors import CatalogError, CatalogStoreError, GtinError, SignatureError
+from agent.protocol import format_ts, verify_bytes
 from agent.store.catalog_doc import (
     CountingReader,
     DocumentError,
@@ -81,13 +87,11 @@ from agent.store.catalog_doc import (
     read_skeleton,
     write_canonical,
 )
-from agent.errors import CatalogError, GtinError, SignatureError
+from agent.store.schema import CATALOG, PRODUCTS_DDL
 from drivers.gs1 import BAD_CHECK_DIGIT, InvalidGtin, normalize
-from agent.protocol import format_ts, verify_bytes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # Page cache of the install connection. Staging only appends, so a small cache costs nothing,
 # and what SQLite has allocated it does not give back before the mmap, the RSS peak; the index
 # build after the signature check (a sort) gets a bigger one.
@@ -98,31 +102,6 @@ INSTALLED = "installed"
 SAME_VERSION = "same_version"
 
 _COLUMNS = "gtin, name, producer, origin, cert_id, valid_from, valid_until, unit_weight_g, weight_tolerance_g"
-_PRODUCTS_DDL = """CREATE TABLE {name} (
-    gtin TEXT NOT NULL,
-    name TEXT NOT NULL,
-    producer TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    cert_id TEXT NOT NULL,
-    valid_from TEXT NOT NULL,
-    valid_until TEXT NOT NULL,
-    unit_weight_g REAL NOT NULL,
-    weight_tolerance_g REAL NOT NULL)"""
-_SCHEMA = (
-    """CREATE TABLE catalog_meta (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        version INTEGER,
-        issued_at TEXT,
-        installed_at TEXT,
-        product_count INTEGER NOT NULL DEFAULT 0,
-        delta INTEGER NOT NULL DEFAULT 0,
-        doc_sha256 TEXT)""",
-    "INSERT INTO catalog_meta (id) VALUES (1)",
-    _PRODUCTS_DDL.format(name="products"),
-    "CREATE UNIQUE INDEX products_gtin ON products (gtin)",
-    "CREATE TABLE revoked (gtin TEXT PRIMARY KEY) WITHOUT ROWID",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
 _META_SQL = "SELECT version, issued_at, installed_at, product_count, delta, doc_sha256 FROM catalog_meta WHERE id = 1"
 # One statement, hence one read snapshot: the product and its revoked flag come from the same catalog.
 _LOOKUP_SQL = (
@@ -154,6 +133,16 @@ class Product:
     valid_until: dt.date
     unit_weight_g: float
     weight_tolerance_g: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The product as a catalog document lists it: mqtt.md's field names, dates YYYY-MM-DD,
+        the GTIN as its GTIN-14 (for JSON answers and the lane snapshot in the ledger)."""
+        return {
+            "gtin": self.gtin, "name": self.name, "producer": self.producer, "origin": self.origin,
+            "cert_id": self.cert_id, "valid_from": self.valid_from.isoformat(),
+            "valid_until": self.valid_until.isoformat(), "unit_weight_g": self.unit_weight_g,
+            "weight_tolerance_g": self.weight_tolerance_g,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,18 +189,20 @@ class _Reader:
         self.conn = conn
 
 
-class _Stager:
-    """Receives product batches during pass 2 and appends their rows to ``products_new``.
+class _Rows:
+    """The product rows of a document, validated as pass 2 reads it and kept in an unnamed file
+    (marshal: fast, and only ever read back by us) until the signature has verified; only then
+    are they staged. The rows come from the very objects whose canonical bytes were verified.
 
-    The first invalid product stops the staging (the install will be refused) but not the pass:
-    the canonical bytes are still needed to tell a forged document (bad_signature) from a signed
-    but invalid one.
+    The first invalid product stops the collection (the install will be refused) but not the
+    pass: the canonical bytes are still needed to tell a forged document (bad_signature) from a
+    signed but invalid one.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+    def __init__(self, directory: Path) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory, prefix=".catalog-rows-")
         self.problem: str | None = None
-        self.rows = 0
+        self.count = 0
 
     def add(self, batch: list[Any]) -> None:
         if self.problem is not None:
@@ -221,6 +212,30 @@ class _Stager:
         except DocumentError as exc:
             self.problem = str(exc)
             return
+        marshal.dump(rows, self._file)
+        self.count += len(rows)
+
+    def batches(self) -> Iterator[list[Any]]:
+        self._file.flush()
+        self._file.seek(0)
+        while True:
+            try:
+                yield marshal.load(self._file)
+            except EOFError:
+                return
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Stager:
+    """Appends verified rows to ``products_new``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.rows = 0
+
+    def add(self, rows: list[Any]) -> None:
         self._conn.executemany(f"INSERT INTO products_new ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", rows)
         self.rows += len(rows)
 
@@ -251,24 +266,20 @@ class CatalogStore:
         return conn
 
     def _init_schema(self) -> None:
-        conn = self._connect(30.0)
+        """Check the file and migrate it; CatalogStoreError (one line) when it cannot be used."""
         try:
-            # Read first: a reader must be able to open the file while an install holds the write lock.
+            conn = self._connect(30.0)
+        except sqlite3.DatabaseError as exc:
+            raise CatalogStoreError(f"cannot open catalog cache {self._path}: {exc}") from exc
+        try:
+            # Read first: a foreign file is refused before it is touched, and a current one
+            # opens without the write lock, which an install may be holding.
+            CATALOG.version_of(conn, self._path)
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                        for sql in _SCHEMA:
-                            conn.execute(sql)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found != SCHEMA_VERSION:
-                raise RuntimeError(f"{self._path}: catalog schema {found}, this agent knows {SCHEMA_VERSION}")
+            CATALOG.migrate(conn, self._path)
+        except sqlite3.DatabaseError as exc:
+            raise CatalogStoreError(f"cannot open catalog cache {self._path}: {exc}") from exc
         finally:
             conn.close()
 
@@ -276,7 +287,7 @@ class CatalogStore:
         reader: _Reader | None = getattr(self._local, "reader", None)
         if reader is None:
             if self._closed:
-                raise RuntimeError("the catalog store is closed")
+                raise CatalogStoreError("the catalog store is closed")
             conn = self._connect(5.0)
             conn.execute("PRAGMA query_only = ON")
             reader = _Reader(conn)
@@ -364,6 +375,13 @@ class CatalogStore:
         sha = hashlib.sha256(data).hexdigest()
         return self._install(lambda: io.BytesIO(data), len(data), None, sha)
 
+    def install_stream(self, open_stream: Callable[[], BinaryIO], size: int) -> InstallResult:
+        """Install a document the caller can open as often as needed (an MQTT message spooled to a
+        file: ``agent.mqtt_payload.Document.open``); each call must return a new reader from the start."""
+        with open_stream() as f:
+            sha = _sha256_stream(f)
+        return self._install(open_stream, size, None, sha)
+
     def install_file(
         self, path: str | os.PathLike[str], progress: Callable[[int, int], None] | None = None
     ) -> InstallResult:
@@ -395,7 +413,7 @@ class CatalogStore:
     ) -> InstallResult:
         with self._install_lock:
             if self._closed:
-                raise RuntimeError("the catalog store is closed")
+                raise CatalogStoreError("the catalog store is closed")
             meta = self._meta()
             if meta.version is not None and meta.doc_sha256 == sha:
                 log.debug("catalog document identical to installed version %d", meta.version)
@@ -426,7 +444,7 @@ class _Install:
         if self.progress is not None:
             self.progress(min(self.done, self.total), self.total)
 
-    def _open(self) -> CountingReader:
+    def _open(self) -> _ClosingReader:
         return _ClosingReader(self.open_raw(), self._on_read)
 
     def run(self) -> InstallResult:
@@ -474,46 +492,52 @@ class _Install:
             except DocumentError as exc:
                 decision, problem = "invalid", str(exc)
 
-        stager: _Stager | None = None
-        if decision == INSTALLED:
-            conn.execute("DROP TABLE IF EXISTS products_new")
-            conn.execute(_PRODUCTS_DDL.format(name="products_new"))
-            stager = _Stager(conn)
-        with tempfile.TemporaryFile(dir=self.store._path.parent, prefix=".catalog-canonical-") as canon:
-            try:
-                count = write_canonical(skeleton, self._open, canon, stager.add if stager else None)
-            except DocumentError as exc:
-                raise CatalogError("invalid", str(exc), hint) from None
-            canon.flush()
-            t2 = time.monotonic()
-            # The mapping below is the peak of RSS (it holds the whole canonical document):
-            # hand the page cache and the freed batches back to the OS first.
-            conn.execute("PRAGMA shrink_memory")
-            _release_free_memory()
-            with mmap.mmap(canon.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
+        rows = _Rows(self.store._path.parent)
+        try:
+            with tempfile.TemporaryFile(dir=self.store._path.parent, prefix=".catalog-canonical-") as canon:
                 try:
-                    verify_bytes(view, sig, self.store._key)
-                except SignatureError as exc:
-                    raise CatalogError("bad_signature", str(exc), hint) from None
-                finally:
-                    view.release()
-        t3 = time.monotonic()
+                    count = write_canonical(skeleton, self._open, canon, rows.add if decision == INSTALLED else None)
+                except DocumentError as exc:
+                    raise CatalogError("invalid", str(exc), hint) from None
+                canon.flush()
+                t2 = time.monotonic()
+                # The mapping below is the peak of RSS (it holds the whole canonical document):
+                # hand the page cache and the freed batches back to the OS first.
+                conn.execute("PRAGMA shrink_memory")
+                _release_free_memory()
+                with mmap.mmap(canon.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    view = memoryview(mapped)
+                    try:
+                        verify_bytes(view, sig, self.store._key)
+                    except SignatureError as exc:
+                        raise CatalogError("bad_signature", str(exc), hint) from None
+                    finally:
+                        view.release()
+            t3 = time.monotonic()
 
-        if decision == "invalid":
-            raise CatalogError("invalid", problem or "invalid document", hint)
-        assert version is not None
-        if decision == "stale":
-            raise CatalogError("stale", f"version {version} is older than the installed {installed}", version)
-        if decision == SAME_VERSION:
-            return InstallResult(SAME_VERSION, version, meta.product_count, base is not None)
-        if decision == "base_mismatch":
-            raise CatalogError(
-                "base_mismatch", f"delta on version {base}, installed version is {installed}", version
-            )
-        assert header is not None and stager is not None
-        if stager.problem is not None:
-            raise CatalogError("invalid", stager.problem, version)
+            if decision == "invalid":
+                raise CatalogError("invalid", problem or "invalid document", hint)
+            assert version is not None
+            if decision == "stale":
+                raise CatalogError("stale", f"version {version} is older than the installed {installed}", version)
+            if decision == SAME_VERSION:
+                return InstallResult(SAME_VERSION, version, meta.product_count, base is not None)
+            if decision == "base_mismatch":
+                raise CatalogError(
+                    "base_mismatch", f"delta on version {base}, installed version is {installed}", version
+                )
+            assert header is not None
+            if rows.problem is not None:
+                raise CatalogError("invalid", rows.problem, version)
+            # Verified: only now is anything staged (a forged document never writes a row).
+            conn.execute("DROP TABLE IF EXISTS products_new")
+            conn.execute(PRODUCTS_DDL.format(name="products_new"))
+            stager = _Stager(conn)
+            for batch in rows.batches():
+                stager.add(batch)
+        finally:
+            rows.close()
+        t3b = time.monotonic()
         conn.execute(f"PRAGMA cache_size = -{_SWAP_CACHE_KIB}")
         try:
             if header.base_version is None:
@@ -539,10 +563,10 @@ class _Install:
             log.info("catalog WAL checkpoint postponed: %s", exc)
         t5 = time.monotonic()
         log.info(
-            "installed catalog version %d (%s, %d products, %d in document): read %.1fs, stage %.1fs,"
-            " verify %.1fs, swap+commit %.1fs, checkpoint %.1fs",
+            "installed catalog version %d (%s, %d products, %d in document): read %.1fs, canonical %.1fs,"
+            " verify %.1fs, stage %.1fs, swap+commit %.1fs, checkpoint %.1fs",
             version, "delta" if base is not None else "snapshot", products, count,
-            t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4,
+            t1 - t0, t2 - t1, t3 - t2, t3b - t3, t4 - t3b, t5 - t4,
         )
         if self.progress is not None:
             self.progress(self.total, self.total)

@@ -12,13 +12,13 @@ from there and the alarm ``ledger_corrupt`` is raised.
 
 The same database holds the session journal (operations.md, sessions rule 1 and 6), the
 command ids seen (replay protection across restarts) and the lane planogram, so that a
-sale and the journal row closing its session commit in one transaction.
+sale and the journal row closing its session commit in one transaction. Its tables are the
+numbered migrations ``agent.store.schema.LEDGER``, checked and applied at every open.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,55 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import LedgerError
-from agent.protocol import canonical
+from agent.protocol import ZERO_HASH, canonical, record_hash
+from agent.store.readonly import ReadOnlyDatabase, ReadOnlyOpenError
+from agent.store.schema import LEDGER
 
 log = logging.getLogger(__name__)
-
-ZERO_HASH = "0" * 64
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq  INTEGER PRIMARY KEY,
-    type TEXT NOT NULL,
-    at   TEXT NOT NULL,
-    prev TEXT NOT NULL,
-    hash TEXT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id   TEXT PRIMARY KEY,
-    command_id   TEXT,
-    door         INTEGER NOT NULL,
-    shopper      TEXT NOT NULL,
-    auth         TEXT NOT NULL,
-    baseline     TEXT NOT NULL,
-    unlock_at    REAL NOT NULL,
-    opened_at    REAL,
-    closed_at    REAL,
-    scans        TEXT NOT NULL DEFAULT '[]',
-    state        TEXT NOT NULL,
-    ended_at     REAL
-);
-CREATE INDEX IF NOT EXISTS sessions_active ON sessions(state) WHERE state != 'ended';
-CREATE TABLE IF NOT EXISTS idle_reports (code TEXT PRIMARY KEY, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS seen_commands (id TEXT PRIMARY KEY, expires_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS lanes (
-    lane        TEXT PRIMARY KEY,
-    gtin        TEXT,
-    price_cents INTEGER,
-    product     TEXT,
-    tare_g      REAL NOT NULL DEFAULT 0,
-    factor      REAL NOT NULL DEFAULT 1
-);
-"""
-
-
-def record_hash(seq: int, type_: str, at: str, prev: str, body: Any) -> str:
-    """mqtt.md: SHA-256 of the canonical JSON of exactly {seq, type, at, prev, body}."""
-    return hashlib.sha256(canonical({"seq": seq, "type": type_, "at": at, "prev": prev, "body": body})).hexdigest()
-
 
 @dataclass(frozen=True)
 class Record:
@@ -90,7 +46,8 @@ class Record:
     body: dict[str, Any]
 
     def wire(self) -> dict[str, Any]:
-        return {"seq": self.seq, "type": self.type, "at": self.at, "prev": self.prev, "hash": self.hash, "body": self.body}
+        return {"seq": self.seq, "type": self.type, "at": self.at, "prev": self.prev, "hash": self.hash,
+                "body": self.body}
 
 
 def wire_json(seq: int, type_: str, at: str, prev: str, hash_: str, body_json: str) -> str:
@@ -109,6 +66,7 @@ class Ledger:
         self.hwm_path = self.path.with_suffix(".hwm")
         self.readonly = readonly
         self.rolled_back = False
+        self._ro: ReadOnlyDatabase | None = None
         self._lock = threading.RLock()
         self._conn = self._open()
         self._last_seq, self._last_hash = self._load_tip()
@@ -117,32 +75,48 @@ class Ledger:
     # -- opening ---------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
         if self.readonly:
-            if not self.path.exists():
-                raise LedgerError(f"no ledger at {self.path}")
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            try:
-                conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            except sqlite3.DatabaseError as exc:
-                raise LedgerError(f"cannot read ledger {self.path}: {exc}") from exc
-            return conn
+            return self._open_readonly()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.DatabaseError as exc:
+            raise self._refused(exc) from exc
+        try:
+            # Refuse a file that is not a ledger of ours before anything writes to it: never
+            # delete, recreate or alter a ledger we cannot read (operations.md, Files).
+            LEDGER.version_of(conn, self.path)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise LedgerError(f"ledger {self.path} fails its integrity check: {check}")
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+            LEDGER.migrate(conn, self.path)
         except sqlite3.DatabaseError as exc:
-            # Never delete or recreate a ledger we cannot read (operations.md, Files).
-            raise LedgerError(f"cannot open ledger {self.path}: {exc}; refusing to start (the file is left as it is)") from exc
+            conn.close()
+            raise self._refused(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """For the operator's tools: never writes, and works for a user who can only read
+        data_dir, daemon running or stopped (agent.store.readonly)."""
+        try:
+            self._ro = ReadOnlyDatabase(self.path)
+        except ReadOnlyOpenError as exc:
+            raise LedgerError(f"cannot read the ledger: {exc}") from exc
+        conn = self._ro.conn
+        try:
+            LEDGER.check(conn, self.path)
+        except BaseException:
+            self._ro.close()
+            raise
+        return conn
+
+    def _refused(self, exc: Exception) -> LedgerError:
+        return LedgerError(f"cannot open ledger {self.path}: {exc}; refusing to start (the file is left as it is)")
 
     def _load_tip(self) -> tuple[int, str]:
         row = self._conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
@@ -184,10 +158,12 @@ class Ledger:
             if not self.readonly:
                 self.flush_acked()
             self._conn.close()
+            if self._ro is not None:
+                self._ro.close()
 
     # -- transactions ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def transaction(self) -> Iterator["Tx"]:
+    def transaction(self) -> Iterator[Tx]:
         """One durable transaction: records appended and journal rows changed commit together."""
         with self._lock:
             tx = Tx(self)
@@ -328,7 +304,7 @@ class Ledger:
         names = [d[0] for d in cur.description]
         out = []
         for row in cur.fetchall():
-            item = dict(zip(names, row))
+            item = dict(zip(names, row, strict=True))
             item["baseline"] = json.loads(item["baseline"])
             item["scans"] = json.loads(item["scans"])
             out.append(item)
@@ -385,13 +361,14 @@ class Tx:
         self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def remember_command(self, command_id: str, expires_at: float) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO seen_commands(id, expires_at) VALUES (?, ?)", (command_id, expires_at))
+        self._conn.execute("INSERT OR REPLACE INTO seen_commands(id, expires_at) VALUES (?, ?)",
+                           (command_id, expires_at))
 
     def forget_commands_before(self, epoch: float) -> None:
         self._conn.execute("DELETE FROM seen_commands WHERE expires_at < ?", (epoch,))
 
     def open_session(self, *, session_id: str, command_id: str | None, door: int, shopper: str, auth: str,
-                     baseline: dict[str, float], unlock_at: float) -> None:
+                     baseline: dict[str, float | None], unlock_at: float) -> None:
         self._conn.execute(
             "INSERT INTO sessions(session_id, command_id, door, shopper, auth, baseline, unlock_at, state)"
             " VALUES (?,?,?,?,?,?,?, 'unlocking')",

@@ -1,38 +1,54 @@
-"""The camera thread: owns one frame source, decodes, debounces, reports scans and faults.
+"""The daemon's side of the camera: supervises the camera process, debounces, reports.
 
-Cheap when idle: a frame is decoded only when it differs from the last decoded one (a
-160-px-wide area-averaged thumbnail, which averages sensor noise away), for a few frames
-after a change (a code coming to rest after motion blur), and once every ``refresh_s``
-as a safety net; an unchanged frame re-reports the last decoded codes to the debouncer,
-so a code held still stays "in view" and is one scan. scripts/bench_decode.py measures it.
+``CameraScanner(source, fps, on_scan=..., on_fault=..., on_recovered=...)`` starts
+``python -m drivers.camera.child`` (capture, decode scheduling, the barcode pipeline) and a
+supervisor thread that reads its messages (``loop`` lists them): frames never enter the
+daemon, only the codes in view and health. The supervisor
 
-Watchdog: a live camera that gives no frame for ``stall_s`` (or cannot be opened for that
-long) is reported once through ``on_fault``; the thread reopens it with a doubling delay
-(capped) and calls ``on_recovered`` when frames come again. A file or glob that played to
-its end idles; it is never a fault (a file that cannot be opened at all is reported once,
-as a misconfigured camera, and then idles). Callback exceptions are logged, never fatal.
+* debounces what is in view into ``Scan`` callbacks ("the same code seen again within 2 s
+  is one scan", the window sliding while it stays in view) -- here, so that a restarted
+  camera process does not report a code still in view a second time;
+* treats the process dying (a native crash of zbar or zxing-cpp: SIGSEGV, abort) or going
+  silent for ``hang_s`` (a hang: it is killed) as a ``camera_fault``, restarts it with a
+  doubling delay (``restart_backoff_s`` .. ``max_backoff_s``; back to the start once a
+  process has run ``stable_s``), and calls ``on_recovered`` when frames flow again; a file
+  or glob resumes after the frame being decoded when it crashed, so a poisonous frame is
+  not met twice;
+* forwards the process's own camera faults (a live camera without frames) the same way:
+  one ``on_fault`` per episode, one ``on_recovered`` at its end;
+* calls ``on_degraded(detail)`` once when a decoder library is missing (the camera runs with
+  the other one), ``on_degraded_cleared()`` if a later process has both again.
+
+A ``FrameSource`` object (a test's fake camera), or an explicit ``pipeline``, runs the same
+loop in a thread of this process instead (``isolate=False``): objects cannot cross.
+Callback exceptions are logged, never fatal.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import cv2
-import numpy as np
-
-from drivers.camera.capture import FrameSource, SourceError, is_live, open_source
+from drivers.camera.capture import FrameSource
 from drivers.camera.debounce import Debouncer
-from drivers.camera.decoder import BarcodePipeline, Decoded
+from drivers.camera.decoder import BarcodePipeline
+from drivers.camera.loop import CameraLoop, Message
+from drivers.camera.schedule import DecodeScheduler
 
 log = logging.getLogger(__name__)
 
-THUMB_WIDTH = 160
-CHANGE_LEVEL = 12  # grey levels a thumbnail pixel must move to count as changed
-CHANGE_FRACTION = 0.002  # share of thumbnail pixels that must change
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding ``drivers``
 
 
 @dataclass(frozen=True)
@@ -45,42 +61,28 @@ class Scan:
     at_monotonic: float
 
 
-class ChangeGate:
-    """Decides whether a frame is worth decoding (pure apart from its remembered thumbnail)."""
-
-    def __init__(self, settle_frames: int = 3, refresh_s: float = 5.0) -> None:
-        self.settle_frames = settle_frames
-        self.refresh_s = refresh_s
-        self._ref: np.ndarray | None = None
-        self._since_change = 0
-        self._last_decode = float("-inf")
-
-    def should_decode(self, gray: np.ndarray, now: float) -> bool:
-        h, w = gray.shape[:2]
-        th = max(1, round(h * THUMB_WIDTH / w))
-        # Every 4th row only: a cold 720p frame costs ~2 ms just to touch on a small CPU.
-        # 16 pixels are still averaged per thumbnail pixel: sensor noise sigma 8 -> 2, so
-        # the difference of two frames (sigma ~2.8) stays far below CHANGE_LEVEL. Every 8th
-        # row (8 pixels averaged) was measured to trip the gate on every noisy frame.
-        thumb = cv2.resize(gray[::4], (THUMB_WIDTH, th), interpolation=cv2.INTER_AREA)
-        changed = self._ref is None or self._ref.shape != thumb.shape or (
-            np.count_nonzero(cv2.absdiff(thumb, self._ref) > CHANGE_LEVEL) > CHANGE_FRACTION * thumb.size)
-        self._since_change = 0 if changed else self._since_change + 1
-        if changed or self._since_change <= self.settle_frames or now - self._last_decode >= self.refresh_s:
-            self._ref = thumb
-            self._last_decode = now
-            return True
-        return False
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 class CameraScanner:
-    """A thread that turns camera frames into debounced ``Scan`` callbacks."""
+    """Turns a camera into debounced ``Scan`` callbacks (see the module doc)."""
 
     def __init__(self, source: str | FrameSource, fps: float, on_scan: Callable[[Scan], None],
                  on_fault: Callable[[str], None], on_recovered: Callable[[], None],
                  pipeline: BarcodePipeline | None = None, clock: Callable[[], float] = time.monotonic,
                  stall_s: float = 5.0, debounce_s: float = 2.0, skip_unchanged: bool = True,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, *, on_degraded: Callable[[str], None] | None = None,
+                 on_degraded_cleared: Callable[[], None] | None = None, isolate: bool | None = None,
+                 hang_s: float = 10.0, restart_backoff_s: float = 0.5, stable_s: float = 30.0,
+                 log_level: str | None = None) -> None:
         if fps <= 0:
             raise ValueError("fps must be > 0")
         self.source = source
@@ -88,37 +90,55 @@ class CameraScanner:
         self._on_scan = on_scan
         self._on_fault = on_fault
         self._on_recovered = on_recovered
-        self.pipeline = pipeline or BarcodePipeline()
+        self._on_degraded = on_degraded
+        self._on_degraded_cleared = on_degraded_cleared
+        self.pipeline = pipeline
         self._clock = clock
         self.stall_s = stall_s
+        self.skip_unchanged = skip_unchanged
         self.max_backoff_s = max_backoff_s
+        self.hang_s = hang_s
+        self.restart_backoff_s = restart_backoff_s
+        self.stable_s = stable_s
+        self.log_level = log_level or logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        if isolate is None:
+            isolate = not isinstance(source, FrameSource) and pipeline is None
+        if isolate and isinstance(source, FrameSource):
+            raise ValueError("a FrameSource object cannot be handed to a camera process")
+        self.isolated = isolate
         self._debouncer = Debouncer(debounce_s)
-        self._gate = ChangeGate() if skip_unchanged else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._cached: list[Decoded] = []
-        self.frames = 0  # frames read
-        self.open_attempts = 0  # opening the source (1 + reopens after stalls)
-        self.decoded_frames = 0  # frames that went through the pipeline
-        self.last_frame_at: float | None = None
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._t0: float | None = None
+        self._position = 0  # next frame of a file/glob (where a new process resumes)
+        self._base = {"frames": 0, "decoded": 0, "opens": 0}  # counters of processes gone
+        self._live = {"frames": 0, "decoded": 0, "opens": 0}  # counters of the running one
+        self._degraded: str | None = None
         self.faulted = False
         self.idle = False  # a file/glob source played to its end
-        if isinstance(source, FrameSource):
-            self._desc, self._live = source.description, source.live
-        else:
-            self._desc, self._live = source, is_live(source)
+        self.restarts = 0
+        self.last_frame_at: float | None = None
+        self.last_message_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("scanner already started")
-        self._thread = threading.Thread(target=self._run, name="camera-scanner", daemon=True)
+        self._t0 = time.monotonic()  # a glob plays from now, whenever its process is ready
+        target = self._supervise if self.isolated else self._run_here
+        self._thread = threading.Thread(target=target, name="camera-scanner", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and wait for it (a live read is bounded to ~1 s)."""
+        """Stop the camera (process and thread) and wait for it."""
         self._stop.set()
+        with self._lock:
+            proc = self._proc
+        if proc is not None:
+            self._end(proc, grace=min(2.0, timeout))
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -128,75 +148,190 @@ class CameraScanner:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    # ------------------------------------------------------------------ the thread
+    @property
+    def child_pid(self) -> int | None:
+        """The camera process's pid while one runs (tests kill it)."""
+        with self._lock:
+            proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
-    def _run(self) -> None:
+    @property
+    def frames(self) -> int:
+        return self._base["frames"] + self._live["frames"]
+
+    @property
+    def decoded_frames(self) -> int:
+        return self._base["decoded"] + self._live["decoded"]
+
+    @property
+    def open_attempts(self) -> int:
+        return self._base["opens"] + self._live["opens"]
+
+    # ------------------------------------------------------------------ in this process
+
+    def _run_here(self) -> None:
+        loop = CameraLoop(self.source, self.fps, self._message, self._stop, pipeline=self.pipeline,
+                          scheduler=DecodeScheduler(enabled=self.skip_unchanged), clock=self._clock,
+                          stall_s=self.stall_s, max_backoff_s=self.max_backoff_s, t0=self._t0)
         try:
-            self._loop()
+            loop.run()
         except Exception:  # the thread must report, not vanish silently
             log.exception("camera thread crashed")
-            self._fault(f"camera thread crashed on {self._desc}")
+            self._fault(f"camera thread crashed on {self.source}")
 
-    def _open(self) -> FrameSource | None:
-        self.open_attempts += 1
-        if isinstance(self.source, FrameSource):
-            return self.source
+    # ------------------------------------------------------------------ the camera process
+
+    def _config(self, fd: int) -> str:
+        return json.dumps({"source": self.source, "fps": self.fps, "msg_fd": fd, "stall_s": self.stall_s,
+                           "max_backoff_s": self.max_backoff_s, "start": self._position, "t0": self._t0,
+                           "skip_unchanged": self.skip_unchanged, "log_level": self.log_level})
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+        r, w = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
-            return open_source(self.source, self.fps, self._clock)
-        except SourceError as exc:
-            log.warning("%s", exc)
-            return None
+            proc = subprocess.Popen([sys.executable, "-m", "drivers.camera.child", self._config(w)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(w,), env=env,
+                                    close_fds=True)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        log.info("camera process started (pid %d) for %s", proc.pid, self.source)
+        return proc, r
 
-    def _loop(self) -> None:
-        period = 1.0 / self.fps
-        backoff = initial_backoff = 0.5
-        progress_at = self._clock()  # last frame, or when we started waiting for one
-        src: FrameSource | None = None
-        next_tick = self._clock()
-        while not self._stop.is_set():
-            if src is None:
-                src = self._open()
-                if src is None:
-                    if not self._live:
-                        self._fault(f"cannot open camera source {self._desc}")
-                        self._idle()
-                        return
-                    if self._clock() - progress_at >= self.stall_s:
-                        self._fault(f"no frames from {self._desc}")
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
-                    continue
-            frame = src.read()
-            now = self._clock()
-            if frame is not None:
-                progress_at = now
-                backoff = initial_backoff
-                if self.faulted:
-                    self.faulted = False
-                    log.info("camera %s delivers frames again", self._desc)
-                    self._call(self._on_recovered)
-                self._handle(frame, now)
-            elif src.ended:
-                src.close()
-                self._idle()
+    def _end(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+        """Close its stdin (it stops between frames), then SIGTERM, then SIGKILL."""
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and proc.poll() is None:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    break
+            try:
+                proc.wait(grace if sig is not signal.SIGKILL else 5.0)
                 return
-            elif self._live and now - progress_at >= self.stall_s:
-                self._fault(f"no frames from {self._desc}")
-                if not isinstance(self.source, FrameSource):
-                    src.close()
-                    src = None
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _supervise(self) -> None:
+        backoff = self.restart_backoff_s
+        while not self._stop.is_set():
+            try:
+                proc, fd = self._spawn()
+            except OSError as exc:
+                self._fault(f"cannot start the camera process: {exc}")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
-            next_tick = max(next_tick + period, self._clock() - period)
-            self._stop.wait(max(0.0, next_tick - self._clock()))
-        if src is not None and not isinstance(self.source, FrameSource):
-            src.close()
+            with self._lock:
+                self._proc = proc
+            started = time.monotonic()
+            try:
+                why = self._pump(proc, fd)
+            finally:
+                os.close(fd)
+            if why == "hang":
+                log.error("camera process %d silent for %.0f s: killing it", proc.pid, self.hang_s)
+                proc.kill()
+            self._end(proc, grace=1.0)
+            with self._lock:
+                self._proc = None
+            self._retire_counters()
+            if self._stop.is_set():
+                break
+            detail = (f"camera process hung (no message for {self.hang_s:g} s), killed" if why == "hang"
+                      else f"camera process {_describe_exit(proc.returncode)}")
+            log.error("%s; restarting it in %.1f s", detail, backoff)
+            self._fault(detail)
+            self.restarts += 1
+            if time.monotonic() - started >= self.stable_s:
+                backoff = self.restart_backoff_s
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
 
-    def _idle(self) -> None:
-        self.idle = True
-        log.info("camera source %s idle", self._desc)
-        self._stop.wait()
+    def _pump(self, proc: subprocess.Popen[bytes], fd: int) -> str:
+        """Read the process's messages until it ends ("eof"), hangs ("hang") or we stop ("stop")."""
+        buf = b""
+        last = time.monotonic()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                if time.monotonic() - last > self.hang_s:
+                    return "hang"
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return "eof"
+            last = time.monotonic()
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line:
+                    continue
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    log.warning("camera process sent a bad message: %r", line[:200])
+                    continue
+                self._message(msg)
+        return "stop"
+
+    def _retire_counters(self) -> None:
+        for k in self._base:
+            self._base[k] += self._live[k]
+            self._live[k] = 0
+
+    # ------------------------------------------------------------------ messages (both modes)
+
+    def _message(self, msg: Message) -> None:
+        kind = msg.get("t")
+        self.last_message_at = time.monotonic()
+        if kind == "seen":
+            now = float(msg.get("at", self._clock()))
+            self.last_frame_at = now
+            for symbology, text, gtin in msg.get("codes", []):
+                if self._debouncer.seen(f"{symbology}\x00{text}", now):
+                    self._call(self._on_scan, Scan(symbology, text, gtin, now))
+        elif kind == "beat":
+            self._counters(msg)
+        elif kind == "decoding":
+            self._position = int(msg.get("i", self._position))
+        elif kind in ("up", "recovered"):
+            self._recover()
+        elif kind == "fault":
+            self._fault(str(msg.get("detail", "camera fault")))
+        elif kind == "idle":
+            self._counters(msg)
+            self.idle = True
+        elif kind == "hello":
+            self._hello(msg)
+
+    def _counters(self, msg: Message) -> None:
+        for k in ("frames", "decoded", "opens"):
+            if k in msg:
+                self._live[k] = int(msg[k])
+        if "i" in msg:
+            self._position = int(msg["i"])
+
+    def _hello(self, msg: Message) -> None:
+        degraded = msg.get("degraded")
+        if degraded and degraded != self._degraded:
+            log.warning("camera decoders degraded: %s", degraded)
+            self._degraded = str(degraded)
+            if self._on_degraded is not None:
+                self._call(self._on_degraded, self._degraded)
+        elif not degraded and self._degraded is not None:
+            self._degraded = None
+            if self._on_degraded_cleared is not None:
+                self._call(self._on_degraded_cleared)
 
     def _fault(self, detail: str) -> None:
         if self.faulted:
@@ -205,22 +340,15 @@ class CameraScanner:
         log.warning("camera fault: %s", detail)
         self._call(self._on_fault, detail)
 
-    def _handle(self, frame: np.ndarray, now: float) -> None:
-        self.frames += 1
-        self.last_frame_at = now
-        if self._gate is None or self._gate.should_decode(frame, now):
-            try:
-                self._cached = self.pipeline.decode(frame)
-            except Exception:
-                log.exception("barcode pipeline failed on a frame")
-                self._cached = []
-            self.decoded_frames += 1
-        for d in self._cached:
-            if self._debouncer.seen(f"{d.symbology}\x00{d.text}", now):
-                self._call(self._on_scan, Scan(d.symbology, d.text, d.gtin, now))
+    def _recover(self) -> None:
+        if not self.faulted:
+            return
+        self.faulted = False
+        log.info("camera recovered: frames flow again")
+        self._call(self._on_recovered)
 
     @staticmethod
-    def _call(fn: Callable[..., object], *args: object) -> None:
+    def _call(fn: Callable[..., object], *args: Any) -> None:
         try:
             fn(*args)
         except Exception:

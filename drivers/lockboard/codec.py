@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import reduce
-from typing import Union, overload
+from typing import overload
 
 from drivers.errors import DriverError, FrameError
 
@@ -134,7 +134,7 @@ class QueryAllRequest:
         return cls(frame[1])
 
 
-Request = Union[UnlockRequest, QueryRequest, QueryAllRequest]
+Request = UnlockRequest | QueryRequest | QueryAllRequest
 
 
 def parse_request(data: bytes | bytearray) -> Request:
@@ -237,7 +237,7 @@ def all_reply_bits(reply: AllReply) -> dict[int, bool]:
     return {lock: bool(value >> (lock - 1) & 1) for lock in range(1, MAX_LOCKS + 1)}
 
 
-Reply = Union[LockReply, AllReply]
+Reply = LockReply | AllReply
 
 
 # ---------------------------------------------------------------- extraction (resync)

@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import select
 import signal
 import threading
 import time
-import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drivers.ptydevice import pty_symlink
 from drivers.errors import FrameError
 from drivers.lockboard.codec import (
     CMD_QUERY,
@@ -42,6 +38,7 @@ from drivers.lockboard.codec import (
     UnlockRequest,
     parse_request,
 )
+from drivers.ptydevice import PtyDevice, pty_symlink
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +79,7 @@ def take_request_frames(buf: bytearray) -> list[bytes]:
     return frames
 
 
-class LockBoardSimulator:
+class LockBoardSimulator(PtyDevice):
     """One lock board at ``address`` with ``locks`` channels (1..24), served on a pty.
 
     ``clock`` drives the latch timing; ``byte_time_s`` > 0 emulates line time by writing the
@@ -108,11 +105,11 @@ class LockBoardSimulator:
             raise ValueError(f"feedback_open must be 0 or 1, got {feedback_open}")
         if latch_release_s < 0 or byte_time_s < 0:
             raise ValueError("latch_release_s and byte_time_s must be >= 0")
+        super().__init__(f"lockboard-sim-{address}", byte_time_s)
         self.address = address
         self.locks = locks
         self.feedback_open = feedback_open
         self.latch_release_s = latch_release_s
-        self.byte_time_s = byte_time_s
         self.on_unlock = on_unlock
         self._clock = clock
         self._cond = threading.Condition()
@@ -122,54 +119,14 @@ class LockBoardSimulator:
         self._garbage = bytearray()
         self._faults: list[_Fault] = []
         self.received: list[tuple[float, bytes]] = []
-        self.port: str | None = None
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._wake: tuple[int, int] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> LockBoardSimulator:
-        """Open the pty pair and start answering; ``self.port`` is then the device to open."""
-        if self._thread is not None:
-            raise RuntimeError("simulator already started")
-        master, slave = os.openpty()
-        # Raw before anyone opens it: no echo, no CR/LF translation, no line buffering.
-        tty.setraw(slave)
-        # The slave fd stays open for the simulator's life, so reads on the master do not fail
-        # with EIO while the client has the port closed (e.g. reopening after an error).
-        self._master, self._slave = master, slave
-        self._wake = os.pipe()
-        self.port = os.ttyname(slave)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"lockboard-sim-{self.address}", daemon=True)
-        self._thread.start()
+        """Open the pty and start answering; ``port`` is then the device to open."""
+        super().start()
         log.info("lock board simulator address %d on %s", self.address, self.port)
         return self
-
-    def stop(self) -> None:
-        """Stop the reader thread and close every fd; safe to call twice."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stop.set()
-            assert self._wake is not None
-            os.write(self._wake[1], b"x")
-            thread.join(timeout=5)
-        for fd in (self._master, self._slave, *(self._wake or ())):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._master = self._slave = self._wake = None
-
-    def __enter__(self) -> LockBoardSimulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # ------------------------------------------------------------ controls (thread-safe)
 
@@ -325,40 +282,9 @@ class LockBoardSimulator:
             except Exception:  # a demo callback must not kill the board
                 log.exception("on_unlock callback failed for lock %d", unlocked)
 
-    def _write(self, data: bytes) -> None:
-        assert self._master is not None
-        if self.byte_time_s <= 0:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._master, view):]
-            return
-        for byte in data:
-            if self._stop.wait(self.byte_time_s):
-                return
-            os.write(self._master, bytes([byte]))
-
-    def _run(self) -> None:
-        assert self._master is not None and self._wake is not None
-        master, wake = self._master, self._wake[0]
-        buf = bytearray()
-        while not self._stop.is_set():
-            ready, _, _ = select.select([master, wake], [], [])
-            if wake in ready:
-                break
-            try:
-                chunk = os.read(master, 4096)
-            except OSError as exc:
-                log.warning("pty read failed: %s", exc)
-                self._stop.wait(0.05)
-                continue
-            buf += chunk
-            try:
-                for frame in take_request_frames(buf):
-                    self._handle(frame)
-            except OSError as exc:
-                if self._stop.is_set():
-                    break
-                log.warning("pty write failed: %s", exc)
+    def _on_bytes(self, buf: bytearray) -> None:
+        for frame in take_request_frames(buf):
+            self._handle(frame)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from drivers.scales.codec import (
     REG_GROSS,
     REG_STATUS,
     ExceptionReply,
+    ReadHoldingReply,
     ReadHoldingRequest,
     Status,
     decode_weight,
@@ -90,6 +91,7 @@ class ScaleClient:
                 reply.code,
             )
             raise ModbusExceptionError(reply.slave, reply.function, reply.code)
+        assert isinstance(reply, ReadHoldingReply)  # the extractor returns nothing else
         return reply.values
 
     def read_status(self, slave: int) -> Status:

@@ -260,7 +260,8 @@ def decode_weight(high: int, low: int, decimals: int) -> float:
     """
     if not 0 <= decimals <= STATUS_DECIMALS_MASK:
         raise ValueError(f"decimals {decimals} outside 0..7")
-    return words_to_int32(high, low) / 10**decimals
+    divisor: int = 10**decimals
+    return words_to_int32(high, low) / divisor
 
 
 def encode_weight(grams: float, decimals: int) -> tuple[int, int]:

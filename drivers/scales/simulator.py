@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
-import select
 import signal
 import sys
 import threading
 import time
-import tty
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drivers.ptydevice import pty_symlink
+from drivers.ptydevice import PtyDevice, pty_symlink
 from drivers.scales.codec import (
     EXCEPTION_FLAG,
     FUNC_READ_HOLDING,
@@ -46,6 +43,7 @@ from drivers.scales.codec import (
     MAX_SLAVE,
     MIN_SLAVE,
     REG_GROSS,
+    REG_NET,
     REG_STATUS,
     ExceptionReply,
     ReadHoldingReply,
@@ -57,7 +55,7 @@ from drivers.scales.codec import (
 log = logging.getLogger(__name__)
 
 # (start register, count) ranges a transmitter answers; everything else is exception 02.
-ANSWERED_RANGES = frozenset({(REG_STATUS, 1), (REG_GROSS, 2), (REG_GROSS, 4), (REG_GROSS + 2, 2)})
+ANSWERED_RANGES = frozenset({(REG_STATUS, 1), (REG_GROSS, 2), (REG_GROSS, 4), (REG_NET, 2)})
 
 # With the motion bit on, readings wander by up to this many divisions either way.
 MOTION_WANDER_DIVISIONS = 5.0
@@ -109,7 +107,7 @@ def _request_length(buf: bytearray) -> int | None:
     return None
 
 
-class ScaleSimulator:
+class ScaleSimulator(PtyDevice):
     """Modbus RTU weighing transmitters behind one pty, one per configured slave address."""
 
     def __init__(
@@ -133,14 +131,13 @@ class ScaleSimulator:
             raise ValueError(f"decimals {decimals} outside 0..7")
         if not 0 <= noise_divisions < 1:
             raise ValueError(f"noise_divisions must be in [0, 1) (jitter below one division), got {noise_divisions}")
-        if byte_time_s < 0:
-            raise ValueError(f"byte_time_s must be >= 0, got {byte_time_s}")
+        super().__init__("scale-simulator", byte_time_s)
         for slave in slaves:
             self._check_slave(slave)
         self.decimals = decimals
         self.noise_divisions = noise_divisions
-        self.byte_time_s = byte_time_s
         self.frame_gap_s = max(MIN_FRAME_GAP_S, 3.5 * byte_time_s)
+        self.silence_s = self.frame_gap_s
         self._clock = clock
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -149,60 +146,13 @@ class ScaleSimulator:
         self._silent = False
         self._garbage = bytearray()
         self._received: list[ReceivedFrame] = []
-        self._master_fd: int | None = None
-        self._slave_fd: int | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._port: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    @property
-    def port(self) -> str:
-        """Path of the pty's slave side: what the agent opens as its serial port."""
-        if self._port is None:
-            raise RuntimeError("simulator not started")
-        return self._port
-
     def start(self) -> ScaleSimulator:
-        if self._thread is not None:
-            raise RuntimeError("simulator already started")
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        # We keep the slave side open ourselves: otherwise the master reads EIO whenever the
-        # agent has the port closed (between reconnects).
-        self._master_fd, self._slave_fd = master, slave
-        self._port = os.ttyname(slave)
-        self._wake_r, self._wake_w = os.pipe()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="scale-simulator", daemon=True)
-        self._thread.start()
-        log.info("scale simulator on %s with slaves %s", self._port, sorted(self._tx))
+        super().start()
+        log.info("scale simulator on %s with slaves %s", self.port, sorted(self._tx))
         return self
-
-    def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._stop.set()
-        assert self._wake_w is not None
-        os.write(self._wake_w, b"x")
-        thread.join(timeout=5)
-        for fd in (self._master_fd, self._slave_fd, self._wake_r, self._wake_w):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._master_fd = self._slave_fd = self._wake_r = self._wake_w = None
-
-    def __enter__(self) -> ScaleSimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ controls
 
@@ -361,40 +311,14 @@ class ScaleSimulator:
         log.debug("scale simulator: %s -> %s", frame.hex(" "), out.hex(" "))
         self._write(out)
 
-    def _write(self, data: bytes) -> None:
-        assert self._master_fd is not None
-        if self.byte_time_s > 0:
-            for i in range(len(data)):
-                if self._stop.wait(self.byte_time_s):
-                    return
-                os.write(self._master_fd, data[i : i + 1])
-            return
-        view = memoryview(data)
-        while view:
-            n = os.write(self._master_fd, view)
-            view = view[n:]
+    def _on_bytes(self, buf: bytearray) -> None:
+        for frame in self._take_frames(buf, flush_incomplete=False):
+            self._handle(frame)
 
-    def _run(self) -> None:
-        assert self._master_fd is not None and self._wake_r is not None
-        master, wake = self._master_fd, self._wake_r
-        buf = bytearray()
-        while not self._stop.is_set():
-            ready, _, _ = select.select([master, wake], [], [], self.frame_gap_s if buf else None)
-            if wake in ready:
-                return
-            if not ready:
-                # Silence after an incomplete frame: a real RTU slave drops it.
-                for frame in self._take_frames(buf, flush_incomplete=True):
-                    self._handle(frame)
-                continue
-            try:
-                chunk = os.read(master, 4096)
-            except OSError as exc:
-                log.warning("scale simulator: read error %s", exc)
-                return
-            buf += chunk
-            for frame in self._take_frames(buf, flush_incomplete=False):
-                self._handle(frame)
+    def _on_silence(self, buf: bytearray) -> None:
+        # Silence after an incomplete frame: a real RTU slave drops it.
+        for frame in self._take_frames(buf, flush_incomplete=True):
+            self._handle(frame)
 
 
 # ---------------------------------------------------------------------- command line

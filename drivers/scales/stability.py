@@ -29,6 +29,7 @@ No clock, threads or I/O: the caller passes times, so tests use explicit fake ti
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -119,7 +120,7 @@ class StabilityWindow:
             return False
         if self.max_gap_s is not None:
             times = [s.t for s in judged] + [now]
-            if any(b - a > self.max_gap_s for a, b in zip(times, times[1:])):
+            if any(b - a > self.max_gap_s for a, b in itertools.pairwise(times)):
                 return False
         weights = [s.grams for s in judged]
         division = max(s.division_g for s in judged)

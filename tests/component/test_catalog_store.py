@@ -26,11 +26,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.store.catalog import _LOOKUP_SQL, CatalogStore, InstallResult, Lookup, Product
-from agent.store.catalog_doc import gtin14, read_skeleton, write_canonical
 from agent.errors import CatalogError, GtinError
-from drivers.gs1 import normalize, with_check_digit
 from agent.protocol import canonical, parse_ts, public_key_b64, sign
+from agent.store.catalog import _LOOKUP_SQL, CatalogStore, InstallResult, Lookup, Product
+from agent.store.catalog_doc import MAX_DEPTH, DocumentError, gtin14, read_skeleton, write_canonical
+from drivers.gs1 import normalize, with_check_digit
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 UTC = dt.timezone.utc
@@ -109,6 +109,15 @@ def test_snapshot_install(store: CatalogStore, key: Ed25519PrivateKey) -> None:
     assert look.certified and look.reason is None and look.gtin == gtin(1)
     assert look.product is not None and look.product.name == "Dried shiitake 1"
     assert store.lookup(gtin(9), AT) == Lookup(False, "revoked", gtin(9), None)
+
+
+def test_product_as_dict_is_the_document_form(store: CatalogStore, key: Ed25519PrivateKey) -> None:
+    listed = prod(3, gtin=gtin(3)[1:], valid_until="2026-12-31", unit_weight_g=99.5)  # listed as a GTIN-13
+    store.install_bytes(signed(key, doc(1, [listed])))
+    product = store.product(gtin(3))
+    assert product is not None
+    assert product.as_dict() == {**listed, "gtin": gtin(3)}
+    assert json.loads(json.dumps(product.as_dict())) == product.as_dict()
 
 
 def test_snapshot_replaces_everything(store: CatalogStore, key: Ed25519PrivateKey) -> None:
@@ -295,6 +304,61 @@ def test_streamed_canonical_bytes_equal_json_dumps(
     del expected["sig"]
     assert out.getvalue() == canonical(expected)
     assert count == len(products) and seen == expected["products"]
+
+
+def _nested(depth: int) -> Any:
+    """A JSON value whose deepest container is ``depth`` levels down (1: an empty list)."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("where", ["header", "product"])
+def test_nesting_up_to_max_depth_is_read_deeper_is_invalid(where: str) -> None:
+    # The top-level object is depth 1, so a member or a product field holds MAX_DEPTH - 1 or
+    # MAX_DEPTH - 3 more levels (products array, product object) at the limit.
+    def document(extra: int) -> bytes:
+        if where == "header":
+            d = doc(1, [prod(1)], x=_nested(MAX_DEPTH - 1 + extra))
+        else:
+            d = doc(1, [prod(1, note=_nested(MAX_DEPTH - 3 + extra))])
+        return json.dumps(d).encode()
+
+    at_limit = document(0)
+    skeleton = read_skeleton(lambda: io.BytesIO(at_limit))
+    out = io.BytesIO()
+    write_canonical(skeleton, lambda: io.BytesIO(at_limit), out)
+    assert out.getvalue() == canonical(json.loads(at_limit))
+    with pytest.raises(DocumentError, match=f"more than {MAX_DEPTH} levels deep"):
+        read_skeleton(lambda: io.BytesIO(document(1)))
+
+
+_DEEP_CHILD = r"""
+import base64, resource, sys
+sys.path.insert(0, sys.argv[1])
+from agent.errors import CatalogError
+from agent.protocol import load_public_key
+from agent.store.catalog import CatalogStore
+store = CatalogStore(sys.argv[2], load_public_key(sys.argv[3]))
+deep = (b'{"x":' + b"[" * 20_000 + b"]" * 20_000 + b',"version":2,"base_version":null,'
+        b'"issued_at":"2026-11-29T08:00:00.000Z","products":[],"sig":"' + base64.b64encode(bytes(64)) + b'"}')
+try:
+    store.install_bytes(deep)
+except CatalogError as exc:
+    print(exc.reason, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_deeply_nested_message_is_refused_cheaply(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """20,000 levels in 40 kB: refused as invalid in the first pass (the second took ~1 GB for it).
+    In a fresh process, so that its peak RSS is this install's."""
+    db = tmp_path / "catalog.db"
+    out = subprocess.run([sys.executable, "-c", _DEEP_CHILD, str(ROOT), str(db), public_key_b64(key)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    reason, peak_mib = out.stdout.split()
+    assert reason == "invalid"
+    assert int(peak_mib) < 150, f"peak RSS {peak_mib} MiB"
 
 
 @given(st.text(alphabet="0123456789", min_size=6, max_size=15) | st.text(max_size=16))

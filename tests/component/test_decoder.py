@@ -1,5 +1,6 @@
 """The barcode pipeline on generated frames: every symbology x every degradation, minimum
-decode rates asserted, zero misreads; plus the symbology names and the merge rules."""
+decode rates asserted, zero misreads; plus the symbology names. (The arbitration rules are
+tested in tests/unit/test_arbiter.py, real photos in test_realphotos.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from drivers.camera import symbology as sym
 from drivers.camera import synth
-from drivers.camera.decoder import BarcodePipeline, Decoded, _Candidate, merge
+from drivers.camera.decoder import BarcodePipeline, Decoded
 
 SIZE = (1280, 720)
 # Measured 175/180 at this seed; the floors leave room for library updates, not for regressions.
@@ -109,42 +110,6 @@ def test_two_codes_in_one_frame_both_reported_once() -> None:
 def test_unknown_backend_rejected() -> None:
     with pytest.raises(ValueError):
         BarcodePipeline("tesseract")
-
-
-# ------------------------------------------------------------------ merge rules
-
-
-def _cand(s: str, text: str, valid: bool = True, box=(0, 0, 100, 50), backend: str = "zxing",
-          gtin: str | None = None) -> _Candidate:
-    return _Candidate(s, text, gtin, valid, tuple(float(v) for v in box), backend)
-
-
-def test_merge_prefers_the_text_that_validates() -> None:
-    good = _cand(sym.QR, "(01)09506000134352", True, backend="pyzbar", gtin="09506000134352")
-    bad = _cand(sym.QR, "(01)09506000134353", False, backend="zxing")
-    assert merge([bad, good]) == [Decoded(sym.QR, "(01)09506000134352", "09506000134352")]
-
-
-def test_merge_drops_partial_reads() -> None:
-    full = _cand(sym.CODE128, "0104239746302499", backend="zxing")
-    part = _cand(sym.CODE128, "99", box=(60, 20, 60, 20), backend="pyzbar")
-    assert [d.text for d in merge([part, full])] == ["0104239746302499"]
-    ean13 = _cand(sym.EAN13, "5901234123457", gtin="05901234123457")
-    upce = _cand(sym.UPCE, "01234565", box=(10, 5, 40, 45), backend="pyzbar", gtin="00012345000065")
-    assert [d.symbology for d in merge([upce, ean13])] == [sym.EAN13]
-
-
-def test_merge_drops_both_when_backends_disagree_on_one_place() -> None:
-    a = _cand(sym.CODE128, "ABC-1", backend="zxing")
-    b = _cand(sym.CODE128, "XYZ-2", backend="pyzbar")
-    assert merge([a, b]) == []
-
-
-def test_merge_keeps_separate_symbols_and_dedups_equal_ones() -> None:
-    a = _cand(sym.QR, "one", box=(0, 0, 50, 50))
-    b = _cand(sym.QR, "two", box=(500, 0, 550, 50))
-    a2 = _cand(sym.QR, "one", box=(900, 300, 950, 350), backend="pyzbar")
-    assert merge([b, a, a2]) == [Decoded(sym.QR, "one", None), Decoded(sym.QR, "two", None)]
 
 
 # ------------------------------------------------------------------ symbology names

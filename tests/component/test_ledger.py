@@ -39,7 +39,7 @@ def ledger(path: Path):
     yield led
     try:
         led.close()
-    except Exception:  # already closed by the test
+    except sqlite3.ProgrammingError:  # already closed by the test
         pass
 
 
@@ -83,9 +83,9 @@ def test_hash_chain_is_computed_as_in_the_contract(ledger: Ledger, path: Path) -
         {"nested": {"z": 1, "a": [1, 2.5, None, True]}, "ünïcode": "ü€"},
     ]
     types = ["event", "sale", "event"]
-    recs = [ledger.append(t, b, AT) for t, b in zip(types, bodies)]
+    recs = [ledger.append(t, b, AT) for t, b in zip(types, bodies, strict=True)]
     prev = "0" * 64
-    for seq, (rec, t, b) in enumerate(zip(recs, types, bodies), start=1):
+    for seq, (rec, t, b) in enumerate(zip(recs, types, bodies, strict=True), start=1):
         assert rec.seq == seq and rec.prev == prev
         assert rec.hash == expected_hash(seq, t, AT, prev, b)
         assert rec.body == b
@@ -93,7 +93,7 @@ def test_hash_chain_is_computed_as_in_the_contract(ledger: Ledger, path: Path) -
     # what is stored is the same, and the body is stored as canonical JSON
     rows = raw_rows(path)
     assert [r[0] for r in rows] == [1, 2, 3]
-    for row, rec in zip(rows, recs):
+    for row, rec in zip(rows, recs, strict=True):
         assert row[3] == rec.prev and row[4] == rec.hash
         assert row[5] == json.dumps(rec.body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert ledger.verify() == (None, "3 records verified")

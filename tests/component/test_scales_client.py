@@ -46,7 +46,8 @@ def client(link: SerialLink) -> ScaleClient:
     return ScaleClient(link, reply_timeout_s=ANSWER_TIMEOUT)
 
 
-def raw(link: SerialLink, request: ReadHoldingRequest, timeout: float = ANSWER_TIMEOUT) -> ReadHoldingReply | ExceptionReply:
+def raw(link: SerialLink, request: ReadHoldingRequest,
+        timeout: float = ANSWER_TIMEOUT) -> ReadHoldingReply | ExceptionReply:
     return link.transact(request.to_bytes(), reply_extractor(request), timeout)
 
 

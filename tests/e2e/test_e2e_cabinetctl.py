@@ -18,7 +18,6 @@ import datetime as dt
 import io
 import json
 import os
-import pwd
 import sqlite3
 import subprocess
 import sys
@@ -30,15 +29,16 @@ from typing import Any
 
 import pytest
 
-from agent.sim.cabinet import TRAY_G, SimulatedCabinet, Timings
 from agent.protocol import canonical
+from agent.sim.cabinet import TRAY_G, SimulatedCabinet, Timings
+from cabinet_helpers import OPERATOR, CabinetFactory, unlock_frames, wait_event
+from cabinet_helpers import cabinetctl_status as status
 from drivers.lockboard.codec import UnlockRequest
 from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-OPERATOR = pwd.getpwuid(os.getuid()).pw_name
 STATUS_KEYS = ("online", "at", "cabinet", "agent_version", "catalog_version", "unsynced", "last_seq", "mode",
                "doors", "alarms")
 RECORD_KEYS = {"seq", "type", "at", "prev", "hash", "body"}
@@ -50,30 +50,20 @@ SLOW_RESEND = dataclasses.replace(Timings.fast(), ack_timeout_s=60.0)
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------------
-def _make(tmp_path: Path, name: str = "cab", **kw: Any):
-    kw.setdefault("timings", Timings.fast())
-    cab = SimulatedCabinet(tmp_path / name, cabinet_id="CAB-CTL", **kw)
-    try:
-        cab.start()
-        yield cab
-    finally:
-        cab.stop()
+@pytest.fixture
+def cabinet_id() -> str:
+    return "CAB-CTL"
 
 
 @pytest.fixture
-def cabinet(tmp_path: Path):
-    yield from _make(tmp_path)
+def door_cabinet(make_cabinet: CabinetFactory) -> SimulatedCabinet:
+    return make_cabinet(timings=DOOR_TIMINGS)
 
 
 @pytest.fixture
-def door_cabinet(tmp_path: Path):
-    yield from _make(tmp_path, timings=DOOR_TIMINGS)
-
-
-@pytest.fixture
-def unacked_cabinet(tmp_path: Path):
+def unacked_cabinet(make_cabinet: CabinetFactory) -> SimulatedCabinet:
     """The platform stores every record but acks none until told to."""
-    yield from _make(tmp_path, timings=SLOW_RESEND, auto_ack=False)
+    return make_cabinet(timings=SLOW_RESEND, auto_ack=False)
 
 
 def run_ctl(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -85,10 +75,6 @@ def run_ctl(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr}"
     return result
-
-
-def status(cab: SimulatedCabinet) -> dict[str, Any]:
-    return json.loads(ok(cab.ctl("status", "--json")).stdout)
 
 
 def lane_weight(cab: SimulatedCabinet, lane: str) -> float | None:
@@ -115,7 +101,8 @@ def ctl_when_stable(cab: SimulatedCabinet, *args: str, timeout: float = 10.0) ->
     return wait_until(attempt, timeout, f"cabinetctl {' '.join(args)} with a stable weight")
 
 
-def ctl_when_stable_failure(cab: SimulatedCabinet, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+def ctl_when_stable_failure(cab: SimulatedCabinet, *args: str,
+                            timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
     """Like ctl_when_stable, for a command expected to be refused for another reason than stability."""
     def attempt() -> subprocess.CompletedProcess[str] | None:
         r = cab.ctl(*args)
@@ -133,26 +120,6 @@ def barrier(cab: SimulatedCabinet) -> int:
 
 def events(cab: SimulatedCabinet, kind: str) -> list[dict[str, Any]]:
     return cab.platform.events(kind)
-
-
-def wait_event(cab: SimulatedCabinet, kind: str, pred=lambda b: True, timeout: float = 10.0) -> dict[str, Any]:
-    found: list[dict[str, Any]] = []
-
-    def seen() -> bool:
-        for rec in cab.platform.records.values():
-            body = rec["body"]
-            if rec["type"] == "event" and body.get("kind") == kind and pred(body):
-                found.append(rec)
-                return True
-        return False
-
-    cab.platform.wait_for(seen, timeout, f"{kind} event")
-    return found[0]
-
-
-def unlock_frames(cab: SimulatedCabinet, lock: int) -> int:
-    frame = UnlockRequest(1, lock).to_bytes()
-    return sum(1 for _t, f in list(cab.lockboard.received) if f == frame)
 
 
 def sales_json(cab: SimulatedCabinet, *args: str) -> list[dict[str, Any]]:
@@ -185,7 +152,7 @@ def test_status_json_holds_the_mqtt_status_object_plus_link_and_lanes(cabinet: S
     expected_lanes = [{"lane": ln.lane, "gtin": cab.products[ln.product]["gtin"],
                        "weight_g": TRAY_G + ln.stock * cab.unit_g(ln.lane)} for ln in cab.lane_specs]
     assert [set(ln) for ln in st["lanes"]] == [{"lane", "gtin", "weight_g"}] * 4
-    for got, want in zip(st["lanes"], expected_lanes):
+    for got, want in zip(st["lanes"], expected_lanes, strict=True):
         assert got["lane"] == want["lane"] and got["gtin"] == want["gtin"]
         assert got["weight_g"] == pytest.approx(want["weight_g"], abs=0.3)
 
@@ -215,7 +182,7 @@ def test_lanes_json_fields_and_values(cabinet: SimulatedCabinet) -> None:
     wait_lane_weight(cab, "B1", 3 * cab.unit_g("B1") + 40)
     rows = json.loads(ok(cab.ctl("lanes", "--json")).stdout)
     assert isinstance(rows, list) and [r["lane"] for r in rows] == ["A1", "A2", "B1", "B2"]
-    for row, spec in zip(rows, cab.lane_specs):
+    for row, spec in zip(rows, cab.lane_specs, strict=True):
         product = cab.products[spec.product]
         assert set(row) == {"lane", "door", "channel", "gtin", "name", "price_cents", "weight_g", "count",
                             "certified"}
@@ -490,16 +457,12 @@ def _local_date(at: str, tz: str) -> dt.date:
     return dt.datetime.fromisoformat(at.replace("Z", "+00:00")).astimezone(zoneinfo.ZoneInfo(tz)).date()
 
 
-def test_sales_order_filters_and_formats(tmp_path: Path) -> None:
+def test_sales_order_filters_and_formats(make_cabinet: CabinetFactory) -> None:
     # A zone far from UTC, chosen so that "midnight local" and "midnight UTC" of the records'
     # local date differ in a way that changes the answer at this time of day.
     tz = "Etc/GMT+12" if dt.datetime.now(dt.timezone.utc).hour < 11 else "Etc/GMT-14"
-    gen = _make(tmp_path, config_extra={"cabinet": {"timezone": tz}})
-    cab = next(gen)
-    try:
-        _check_sales(cab, tz)
-    finally:
-        gen.close()
+    cab = make_cabinet(config_extra={"cabinet": {"timezone": tz}})
+    _check_sales(cab, tz)
 
 
 def _check_sales(cab: SimulatedCabinet, tz: str) -> None:
@@ -581,7 +544,11 @@ def test_verify_fresh_ledger_and_a_tampered_record(cabinet: SimulatedCabinet) ->
     db = Path(cab.config()["cabinet"]["data_dir"]) / "ledger.db"
     conn = sqlite3.connect(db)
     try:
-        for seq in (4, 6):                         # the first bad one is 4
+        # the 2nd and 4th service_mode events (seq 4 and 6 before set_lane was recorded too)
+        modes = [seq for seq, body in conn.execute("SELECT seq, body FROM records ORDER BY seq")
+                 if json.loads(body).get("kind") == "service_mode"]
+        first_bad, second_bad = modes[1], modes[3]
+        for seq in (first_bad, second_bad):        # the first bad one is the earlier
             (body,) = conn.execute("SELECT body FROM records WHERE seq = ?", (seq,)).fetchone()
             changed = json.loads(body)
             assert changed["kind"] == "service_mode"
@@ -592,12 +559,12 @@ def test_verify_fresh_ledger_and_a_tampered_record(cabinet: SimulatedCabinet) ->
         conn.close()
     r = cab.ctl("verify")
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert "seq 4" in r.stderr and "seq 6" not in r.stderr
+    assert f"seq {first_bad}" in r.stderr and f"seq {second_bad}" not in r.stderr
     # The daemon still starts on a broken chain, with the ledger_corrupt alarm (operations.md, Files).
     cab.start_agent()
     assert "ledger_corrupt" in status(cab)["alarms"]
     r = cab.ctl("verify")
-    assert r.returncode == 1 and "seq 4" in r.stderr
+    assert r.returncode == 1 and f"seq {first_bad}" in r.stderr
 
 
 def test_verify_detects_deleted_latest_records(cabinet: SimulatedCabinet) -> None:
@@ -605,19 +572,19 @@ def test_verify_detects_deleted_latest_records(cabinet: SimulatedCabinet) -> Non
     ok(cab.ctl("service", "on"))
     ok(cab.ctl("service", "off"))
     last = barrier(cab)
-    assert last == 4
+    assert last == 4 + 4                 # + the four set_lane records of the lanes' assignment
     assert cab.stop_agent() == 0
     ok(cab.ctl("verify"))
     db = Path(cab.config()["cabinet"]["data_dir"]) / "ledger.db"
     conn = sqlite3.connect(db)
     try:
-        conn.execute("DELETE FROM records WHERE seq = 4")   # hide the latest record
+        conn.execute("DELETE FROM records WHERE seq = ?", (last,))   # hide the latest record
         conn.commit()
     finally:
         conn.close()
     r = cab.ctl("verify")
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert "ledger broken at seq 4" in r.stderr
+    assert f"ledger broken at seq {last}" in r.stderr
 
 
 # -- export and sync --------------------------------------------------------------------------------------------------
@@ -641,7 +608,8 @@ def test_export_writes_exactly_the_unacknowledged_records(unacked_cabinet: Simul
     got = _export(cab, out)
     assert [r["seq"] for r in got] == list(range(1, last + 1))
     for rec in got:
-        assert set(rec) == RECORD_KEYS
+        assert set(rec) == RECORD_KEYS | {"cabinet"}            # v1.1: each line names its cabinet
+        assert rec.pop("cabinet") == cab.cabinet_id
         assert rec == cab.platform.records[rec["seq"]]
     # The platform acks part of it: the next export holds only the rest.
     cab.platform.ack(2)
@@ -649,7 +617,7 @@ def test_export_writes_exactly_the_unacknowledged_records(unacked_cabinet: Simul
     wait_until(lambda: _export(cab, out)[0]["seq"] == 3, 10, "export starting at seq 3")
     got = _export(cab, out)
     assert [r["seq"] for r in got] == list(range(3, last + 1))
-    assert all(rec == cab.platform.records[rec["seq"]] for rec in got)
+    assert all({k: v for k, v in rec.items() if k != "cabinet"} == cab.platform.records[rec["seq"]] for rec in got)
     assert not list(out.parent.glob("*.part"))
 
 
@@ -682,8 +650,9 @@ def test_sync_resends_and_sync_wait_blocks_until_acknowledged(unacked_cabinet: S
     assert f"{last} unsynced" in r.stdout
     cab.platform.wait_for(lambda: cab.platform.duplicates >= dup_before + last, 10, "records resent")
 
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli.cabinetctl", "--config", str(cab.config_path), "sync", "--wait"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli.cabinetctl", "--config", str(cab.config_path), "sync", "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     progress: list[str] = []
 
     def read_stderr() -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import pwd
 import re
 import zoneinfo
 from pathlib import Path
@@ -25,15 +23,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
+from agent.sim.cabinet import DEMO_PRODUCTS, SimulatedCabinet
 from agent.store.catalog import CatalogStore
+from cabinet_helpers import OPERATOR, CabinetFactory, ctl_json, wait_event
 from drivers.gs1 import with_check_digit
-from agent.sim.cabinet import DEMO_PRODUCTS, SimulatedCabinet, Timings
 from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 CATALOG_TOPIC = "cab/v1/catalog"
-OPERATOR = pwd.getpwuid(os.getuid()).pw_name
 TODAY = dt.datetime.now(dt.timezone.utc).date()   # the cabinets run with timezone UTC
 
 
@@ -66,34 +64,8 @@ BAD_CHECK = SHIITAKE["gtin"][:-1] + str((int(SHIITAKE["gtin"][-1]) + 1) % 10)
 # -- fixtures and helpers ------------------------------------------------------------------------
 
 @pytest.fixture
-def cabinet(tmp_path: Path):
-    """The demo cabinet: catalog version 1 (the four demo products, retained) and lanes A1..B2 assigned."""
-    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-CAT", timings=Timings.fast())
-    try:
-        cab.start()
-        yield cab
-    finally:
-        cab.stop()
-
-
-def wait_event(cab: SimulatedCabinet, kind: str, timeout: float = 15.0, after: int = 0,
-               **match: Any) -> tuple[int, dict[str, Any]]:
-    """The first event record of ``kind`` with seq > ``after`` whose body has the ``match`` fields: (seq, body)."""
-    found: list[tuple[int, dict[str, Any]]] = []
-
-    def pred() -> bool:  # evaluated under the platform's lock
-        records = cab.platform.records
-        for seq in sorted(records):
-            rec = records[seq]
-            body = rec["body"]
-            if (seq > after and rec["type"] == "event" and body.get("kind") == kind
-                    and all(body.get(k) == v for k, v in match.items())):
-                found.append((seq, dict(body)))
-                return True
-        return False
-
-    cab.platform.wait_for(pred, timeout, f"event {kind} {match} after seq {after}")
-    return found[0]
+def cabinet_id() -> str:
+    return "CAB-CAT"
 
 
 def events_between(cab: SimulatedCabinet, lo: int, hi: int, kinds: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -106,12 +78,6 @@ def events_between(cab: SimulatedCabinet, lo: int, hi: int, kinds: tuple[str, ..
 def wait_status(cab: SimulatedCabinet, pred: Any, what: str, timeout: float = 15.0) -> dict[str, Any]:
     cab.platform.wait_for(lambda: bool(cab.platform.status) and pred(cab.platform.status), timeout, what)
     return dict(cab.platform.status)
-
-
-def ctl_json(cab: SimulatedCabinet, *args: str) -> Any:
-    out = cab.ctl(*args, "--json")
-    assert out.returncode == 0, (args, out.returncode, out.stdout, out.stderr)
-    return json.loads(out.stdout)
 
 
 def catalog_info(cab: SimulatedCabinet) -> dict[str, Any]:
@@ -142,12 +108,12 @@ def lane_row(cab: SimulatedCabinet, lane: str) -> dict[str, Any]:
 
 def test_snapshot_install_replaces_catalog_and_updates_status(cabinet: SimulatedCabinet) -> None:
     cab = cabinet
-    _, first = wait_event(cab, "catalog_installed", version=1)
+    first = wait_event(cab, "catalog_installed", version=1)["body"]
     assert first == {"kind": "catalog_installed", "version": 1, "products": 4, "delta": False}
 
     doc = cab.platform.make_catalog(2, [SHIITAKE, HONEY, TEA, WALNUTS, MILLET])   # DATES left out
     cab.platform.publish_catalog(doc, "snapshot")
-    seq, body = wait_event(cab, "catalog_installed", version=2)
+    body = wait_event(cab, "catalog_installed", version=2)["body"]
     assert body == {"kind": "catalog_installed", "version": 2, "products": 5, "delta": False}
     wait_status(cab, lambda st: st.get("catalog_version") == 2, "status reports catalog version 2")
 
@@ -166,7 +132,7 @@ def test_delta_upserts_products_and_removes_revoked(cabinet: SimulatedCabinet) -
     delta = cab.platform.make_catalog(2, [renamed, WALNUTS], base_version=1, revoked=[TEA["gtin"]])
     cab.platform.publish_catalog(delta, "delta")
 
-    _, body = wait_event(cab, "catalog_installed", version=2)
+    body = wait_event(cab, "catalog_installed", version=2)["body"]
     # 4 products + 1 new - 1 revoked
     assert body == {"kind": "catalog_installed", "version": 2, "products": 4, "delta": True}
     wait_status(cab, lambda st: st.get("catalog_version") == 2, "status reports catalog version 2")
@@ -192,15 +158,16 @@ def test_delta_base_mismatch_rejected_and_retained_snapshot_redelivered(cabinet:
     assert connections == 1
     forged = forge(cab.platform.make_catalog(7, [SHIITAKE, WALNUTS]))
     cab.platform.publish_catalog(forged, "snapshot", retain=True)
-    first_seq, _ = wait_event(cab, "catalog_rejected", version=7, reason="bad_signature")
+    first_seq = wait_event(cab, "catalog_rejected", version=7, reason="bad_signature")["seq"]
 
     delta = cab.platform.make_catalog(3, [MILLET], base_version=2)   # the agent has version 1
     cab.platform.publish_catalog(delta, "delta")
-    mismatch_seq, body = wait_event(cab, "catalog_rejected", version=3, reason="base_mismatch")
+    event = wait_event(cab, "catalog_rejected", version=3, reason="base_mismatch")
+    mismatch_seq, body = event["seq"], event["body"]
     assert body == {"kind": "catalog_rejected", "version": 3, "reason": "base_mismatch"}
     assert mismatch_seq > first_seq
     # The re-subscription brought the retained snapshot again.
-    again_seq, _ = wait_event(cab, "catalog_rejected", after=mismatch_seq, version=7, reason="bad_signature")
+    again_seq = wait_event(cab, "catalog_rejected", after=mismatch_seq, version=7, reason="bad_signature")["seq"]
     assert again_seq > mismatch_seq
     assert agent_connections(cab) == connections, "the redelivery must come from a re-subscription, not a reconnect"
 
@@ -228,16 +195,17 @@ def test_base_mismatch_then_retained_snapshot_installed_after_reconnect(cabinet:
     cab.platform.publish_raw(CATALOG_TOPIC, snapshot, retain=True, qos=0)
     cab.start_agent()
 
-    installed_seq, body = wait_event(cab, "catalog_installed", version=5)
+    event = wait_event(cab, "catalog_installed", version=5)
+    installed_seq, body = event["seq"], event["body"]
     assert body == {"kind": "catalog_installed", "version": 5, "products": 5, "delta": False}
-    rejected_seq, _ = wait_event(cab, "catalog_rejected", version=6, reason="base_mismatch")
+    rejected_seq = wait_event(cab, "catalog_rejected", version=6, reason="base_mismatch")["seq"]
     assert rejected_seq < installed_seq
     wait_status(cab, lambda st: st.get("catalog_version") == 5, "status reports catalog version 5")
 
     # Barrier: a stale document on the per-cabinet topic; between the install and its rejection
     # there is no other catalog event (the snapshot delivered again is the installed version).
     cab.platform.publish_catalog(cab.platform.make_catalog(4, [SHIITAKE]), "cabinet")
-    stale_seq, _ = wait_event(cab, "catalog_rejected", version=4, reason="stale")
+    stale_seq = wait_event(cab, "catalog_rejected", version=4, reason="stale")["seq"]
     assert events_between(cab, installed_seq, stale_seq, ("catalog_installed", "catalog_rejected")) == []
     assert catalog_info(cab)["version"] == 5
 
@@ -246,7 +214,7 @@ def test_same_version_ignored_silently_lower_version_stale(cabinet: SimulatedCab
     cab = cabinet
     v2 = cab.platform.make_catalog(2, [SHIITAKE, HONEY, TEA, DATES, WALNUTS])
     cab.platform.publish_catalog(v2, "snapshot")
-    installed_seq, _ = wait_event(cab, "catalog_installed", version=2)
+    installed_seq = wait_event(cab, "catalog_installed", version=2)["seq"]
 
     # The very same retained document again, and another document with the same version number.
     cab.platform.publish_catalog(v2, "snapshot")
@@ -254,7 +222,8 @@ def test_same_version_ignored_silently_lower_version_stale(cabinet: SimulatedCab
     cab.platform.publish_catalog(other_v2, "cabinet")
     # A lower version: rejected as stale (and it is our barrier).
     cab.platform.publish_catalog(cab.platform.make_catalog(1, [SHIITAKE]), "cabinet")
-    stale_seq, body = wait_event(cab, "catalog_rejected", version=1, reason="stale")
+    event = wait_event(cab, "catalog_rejected", version=1, reason="stale")
+    stale_seq, body = event["seq"], event["body"]
     assert body == {"kind": "catalog_rejected", "version": 1, "reason": "stale"}
 
     assert events_between(cab, installed_seq, stale_seq, ("catalog_installed", "catalog_rejected")) == []
@@ -268,7 +237,7 @@ def test_forged_or_invalid_catalog_rejected_and_old_catalog_kept(cabinet: Simula
     cab = cabinet
     # Signed by another key.
     cab.platform.publish_catalog(forge(cab.platform.make_catalog(2, [WALNUTS])), "snapshot", retain=False)
-    _, body = wait_event(cab, "catalog_rejected", reason="bad_signature", version=2)
+    body = wait_event(cab, "catalog_rejected", reason="bad_signature", version=2)["body"]
     assert body == {"kind": "catalog_rejected", "version": 2, "reason": "bad_signature"}
     # Signed by the platform, then a field changed.
     tampered = cab.platform.make_catalog(3, [SHIITAKE, HONEY, TEA, DATES, WALNUTS])
@@ -283,14 +252,14 @@ def test_forged_or_invalid_catalog_rejected_and_old_catalog_kept(cabinet: Simula
 
     # Signed, but not a valid catalog: a product with a bad check digit; and bytes that are not JSON.
     cab.platform.publish_catalog(cab.platform.make_catalog(5, [dict(WALNUTS, gtin=BAD_CHECK)]), "cabinet")
-    _, body = wait_event(cab, "catalog_rejected", reason="invalid", version=5)
+    body = wait_event(cab, "catalog_rejected", reason="invalid", version=5)["body"]
     cab.platform.publish_catalog(b'{"version": 6, "products": [', "delta")
-    _, body = wait_event(cab, "catalog_rejected", reason="invalid", version=None)
+    body = wait_event(cab, "catalog_rejected", reason="invalid", version=None)["body"]
     # A signed delta that lost its base_version must not be read as a snapshot (it would wipe the catalog).
     no_base = protocol.sign({"version": 7, "issued_at": protocol.format_ts(dt.datetime.now(dt.timezone.utc)),
                          "products": [WALNUTS], "revoked": []}, cab.platform.private_key)
     cab.platform.publish_catalog(no_base, "delta")
-    _, body = wait_event(cab, "catalog_rejected", reason="invalid", version=7)
+    body = wait_event(cab, "catalog_rejected", reason="invalid", version=7)["body"]
 
     assert catalog_info(cab)["version"] == 1
     assert cab.platform.status["catalog_version"] == 1
@@ -308,13 +277,13 @@ def test_forged_or_invalid_catalog_rejected_and_old_catalog_kept(cabinet: Simula
 def test_per_cabinet_catalog_topic(cabinet: SimulatedCabinet) -> None:
     cab = cabinet
     cab.platform.publish_catalog(cab.platform.make_catalog(2, [SHIITAKE, HONEY, TEA, DATES, WALNUTS]), "cabinet")
-    _, body = wait_event(cab, "catalog_installed", version=2)
+    body = wait_event(cab, "catalog_installed", version=2)["body"]
     assert body == {"kind": "catalog_installed", "version": 2, "products": 5, "delta": False}
     # Another cabinet's document is none of this agent's business.
     other = cab.platform.make_catalog(9, [MILLET])
     cab.platform.publish_raw("cab/v1/CAB-OTHER/catalog", other)
     cab.platform.publish_catalog(cab.platform.make_catalog(3, [MILLET], base_version=2), "cabinet")
-    _, body = wait_event(cab, "catalog_installed", version=3)
+    body = wait_event(cab, "catalog_installed", version=3)["body"]
     assert body == {"kind": "catalog_installed", "version": 3, "products": 6, "delta": True}
     wait_status(cab, lambda st: st.get("catalog_version") == 3, "status reports catalog version 3")
     assert [e["version"] for e in cab.platform.events("catalog_installed")] == [1, 2, 3]
@@ -365,7 +334,7 @@ def test_cabinetctl_catalog_install_file(cabinet: SimulatedCabinet, tmp_path: Pa
     out = cab.ctl("catalog", "install", str(good))
     assert out.returncode == 0, (out.stdout, out.stderr)
     assert "version 2" in out.stdout
-    _, body = wait_event(cab, "catalog_installed", version=2)
+    body = wait_event(cab, "catalog_installed", version=2)["body"]
     assert body == {"kind": "catalog_installed", "version": 2, "products": 5, "delta": False}
     assert catalog_info(cab) == {"version": 2, "issued_at": doc["issued_at"], "products": 5}
     wait_status(cab, lambda st: st.get("catalog_version") == 2, "status reports catalog version 2")
@@ -411,7 +380,7 @@ def test_set_lane_refuses_uncertified_gtin(cabinet: SimulatedCabinet) -> None:
         cid = cab.platform.send_command("set_lane", {"lane": "A1", "gtin": gtin, "price_cents": 999})
         reply = cab.platform.wait_reply(cid)
         assert reply["ok"] is False and reply["error"], reply
-        _, body = wait_event(cab, "command_rejected", command_id=cid)
+        body = wait_event(cab, "command_rejected", command_id=cid)["body"]
         assert body["type"] == "set_lane" and body["reason"], body
 
     row = lane_row(cab, "A1")
@@ -436,19 +405,19 @@ def test_restock_in_service_mode_with_certified_codes_only(cabinet: SimulatedCab
 
     out = cab.ctl("service", "on")
     assert out.returncode == 0, out.stderr
-    _, body = wait_event(cab, "service_mode", on=True)
+    body = wait_event(cab, "service_mode", on=True)["body"]
     assert body == {"kind": "service_mode", "on": True, "operator": OPERATOR}
     wait_status(cab, lambda st: st.get("mode") == "service", "status mode service")
 
     out = cab.ctl("restock", "A1", "--code", UNKNOWN_GTIN, "--price", "100")
     assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
     assert "not certified" in out.stderr and "unknown" in out.stderr, out.stderr
-    _, body = wait_event(cab, "uncertified_scan", code=UNKNOWN_GTIN)
+    body = wait_event(cab, "uncertified_scan", code=UNKNOWN_GTIN)["body"]
     assert body["context"] == "restock" and body["reason"] == "unknown" and body["gtin"] == UNKNOWN_GTIN, body
 
     out = cab.ctl("restock", "A2", "--code", EXPIRED["gtin"][1:])
     assert out.returncode == 1 and "expired" in out.stderr, (out.returncode, out.stderr)
-    _, body = wait_event(cab, "uncertified_scan", code=EXPIRED["gtin"][1:])
+    body = wait_event(cab, "uncertified_scan", code=EXPIRED["gtin"][1:])["body"]
     assert body["context"] == "restock" and body["reason"] == "expired" and body["gtin"] == EXPIRED["gtin"], body
 
     out = cab.ctl("restock", "A1", "--code", WALNUTS["gtin"])
@@ -460,7 +429,7 @@ def test_restock_in_service_mode_with_certified_codes_only(cabinet: SimulatedCab
 
     out = cab.ctl("restock", "A1", "--code", WALNUTS["gtin"], "--price", "100", "--qty", "3")
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr)
-    _, body = wait_event(cab, "restock", gtin=WALNUTS["gtin"])
+    body = wait_event(cab, "restock", gtin=WALNUTS["gtin"])["body"]
     assert body == {"kind": "restock", "lane": "A1", "gtin": WALNUTS["gtin"], "qty": 3,
                     "cert_id": WALNUTS["cert_id"], "operator": OPERATOR}
     row = lane_row(cab, "A1")
@@ -469,13 +438,13 @@ def test_restock_in_service_mode_with_certified_codes_only(cabinet: SimulatedCab
     # The lane's own product needs no price; the EAN-13 form is the same product.
     out = cab.ctl("restock", "A1", "--code", WALNUTS["gtin"][1:])
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr)
-    _, body = wait_event(cab, "restock", gtin=WALNUTS["gtin"], qty=1)
+    body = wait_event(cab, "restock", gtin=WALNUTS["gtin"], qty=1)["body"]
     assert body["lane"] == "A1" and body["operator"] == OPERATOR
     assert lane_row(cab, "A1")["price_cents"] == 100
 
     out = cab.ctl("service", "off")
     assert out.returncode == 0, out.stderr
-    _, body = wait_event(cab, "service_mode", on=False)
+    body = wait_event(cab, "service_mode", on=False)["body"]
     assert body == {"kind": "service_mode", "on": False, "operator": OPERATOR}
     wait_status(cab, lambda st: st.get("mode") == "ready", "status mode ready")
 
@@ -513,7 +482,7 @@ def test_revoked_lane_product_raises_alarm_and_flags_sale(cabinet: SimulatedCabi
                 "alarm revoked_product:A1 cleared")
 
 
-def test_certificate_dates_are_cabinet_local_dates(tmp_path: Path) -> None:
+def test_certificate_dates_are_cabinet_local_dates(make_cabinet: CabinetFactory) -> None:
     """valid_from/valid_until are calendar dates in the cabinet's time zone, not in UTC. The zone is
     picked so that its date differs from the UTC date right now."""
     now = dt.datetime.now(dt.timezone.utc)
@@ -524,68 +493,57 @@ def test_certificate_dates_are_cabinet_local_dates(tmp_path: Path) -> None:
     local_only = _product("690123456201", "Fresh bamboo shoots", "PA-2026-200001",
                           valid_from=local_day, valid_until=local_day)
     utc_only = _product("690123456202", "Fresh lotus root", "PA-2026-200002", valid_from=utc_day, valid_until=utc_day)
-    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-TZ", timings=Timings.fast(),
-                           products=[*DEMO_PRODUCTS, local_only, utc_only], config_extra={"cabinet": {"timezone": tz}})
-    try:
-        cab.start(assign_lanes=False)
-        rc, text = lookup(cab, local_only["gtin"])
-        assert rc == 0, (tz, text)
-        rc, text = lookup(cab, utc_only["gtin"])
-        assert rc == 1 and ("expired" if local_day > utc_day else "not yet valid") in text.lower(), (tz, text)
-        cab.command_ok("set_lane", {"lane": "A1", "gtin": local_only["gtin"], "price_cents": 500})
-        cid = cab.platform.send_command("set_lane", {"lane": "A2", "gtin": utc_only["gtin"], "price_cents": 500})
-        assert cab.platform.wait_reply(cid)["ok"] is False
-    finally:
-        cab.stop()
+    cab = make_cabinet(cabinet_id="CAB-TZ", products=[*DEMO_PRODUCTS, local_only, utc_only],
+                       config_extra={"cabinet": {"timezone": tz}}, assign_lanes=False)
+    rc, text = lookup(cab, local_only["gtin"])
+    assert rc == 0, (tz, text)
+    rc, text = lookup(cab, utc_only["gtin"])
+    assert rc == 1 and ("expired" if local_day > utc_day else "not yet valid") in text.lower(), (tz, text)
+    cab.command_ok("set_lane", {"lane": "A1", "gtin": local_only["gtin"], "price_cents": 500})
+    cid = cab.platform.send_command("set_lane", {"lane": "A2", "gtin": utc_only["gtin"], "price_cents": 500})
+    assert cab.platform.wait_reply(cid)["ok"] is False
 
 
-def test_catalog_stale_alarm(tmp_path: Path) -> None:
-    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-STALE", timings=Timings.fast(),
-                           config_extra={"platform": {"catalog_max_age_days": 1}})
-    try:
-        cab.start(assign_lanes=False, publish_catalog=False)
-        now = dt.datetime.now(dt.timezone.utc)
-        cab.platform.publish_catalog(
-            cab.platform.make_catalog(1, DEMO_PRODUCTS, issued_at=now - dt.timedelta(days=3)), "snapshot")
-        wait_status(cab, lambda s: s.get("catalog_version") == 1 and "catalog_stale" in s.get("alarms", []),
-                    "catalog version 1 installed with alarm catalog_stale")
-        assert "catalog_stale" in ctl_json(cab, "status")["alarms"]
+def test_catalog_stale_alarm(make_cabinet: CabinetFactory) -> None:
+    cab = make_cabinet(cabinet_id="CAB-STALE", config_extra={"platform": {"catalog_max_age_days": 1}},
+                       assign_lanes=False, publish_catalog=False)
+    now = dt.datetime.now(dt.timezone.utc)
+    cab.platform.publish_catalog(
+        cab.platform.make_catalog(1, DEMO_PRODUCTS, issued_at=now - dt.timedelta(days=3)), "snapshot")
+    wait_status(cab, lambda s: s.get("catalog_version") == 1 and "catalog_stale" in s.get("alarms", []),
+                "catalog version 1 installed with alarm catalog_stale")
+    assert "catalog_stale" in ctl_json(cab, "status")["alarms"]
 
-        # Half a day old is within the configured day: the alarm clears.
-        cab.platform.publish_catalog(
-            cab.platform.make_catalog(2, DEMO_PRODUCTS, issued_at=now - dt.timedelta(hours=12)), "snapshot")
-        wait_status(cab, lambda s: s.get("catalog_version") == 2 and "catalog_stale" not in s.get("alarms", []),
-                    "catalog version 2 installed without alarm catalog_stale")
-    finally:
-        cab.stop()
+    # Half a day old is within the configured day: the alarm clears.
+    cab.platform.publish_catalog(
+        cab.platform.make_catalog(2, DEMO_PRODUCTS, issued_at=now - dt.timedelta(hours=12)), "snapshot")
+    wait_status(cab, lambda s: s.get("catalog_version") == 2 and "catalog_stale" not in s.get("alarms", []),
+                "catalog version 2 installed without alarm catalog_stale")
 
 
-def test_sigkill_during_a_large_install_keeps_the_old_catalog_and_restart_installs_cleanly(tmp_path: Path) -> None:
+def test_sigkill_during_a_large_install_keeps_the_old_catalog_and_restart_installs_cleanly(
+        make_cabinet: CabinetFactory) -> None:
     """A 300,000-product retained snapshot over MQTT; the agent is killed while installing it."""
-    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-BIG", timings=Timings.fast())
-    try:
-        cab.start(assign_lanes=False)
-        assert cab.platform is not None
-        big = [_product("", f"Product {i}", f"PA-2026-{i:06d}", gtin="0" + with_check_digit(f"69{i:010d}"))
-               for i in range(300_000)]
-        doc = cab.platform.make_catalog(2, big + list(DEMO_PRODUCTS))
-        wal = cab.workdir / "data" / "catalog.db-wal"
-        before = wal.stat().st_size if wal.exists() else 0
-        cab.platform.publish_catalog(doc, "snapshot")
-        # the install is under way once its staging writes grow the catalog's WAL by megabytes
-        wait_until(lambda: wal.exists() and wal.stat().st_size > before + 8 * 2**20, 60, "install under way")
-        cab.kill_agent()
-        assert not any(e.get("version") == 2 for e in cab.platform.events("catalog_installed"))
-        # the old catalog (version 1) is intact: read it with the daemon down, straight from its file
-        store = CatalogStore(cab.workdir / "data" / "catalog.db", cab.platform.private_key.public_key())
-        assert store.version == 1 and store.product_count == len(DEMO_PRODUCTS)
-        store.close()
-        # a restart receives the retained snapshot again and installs it cleanly
-        cab.start_agent()
-        cab.wait_catalog(2, timeout=90)
-        out = cab.ctl("catalog", "--json")
-        assert json.loads(out.stdout)["products"] == 300_000 + len(DEMO_PRODUCTS)
-        assert cab.ctl("catalog", "lookup", big[123_456]["gtin"]).returncode == 0
-        assert cab.ctl("catalog", "lookup", DEMO_PRODUCTS[0]["gtin"]).returncode == 0
-    finally:
-        cab.stop()
+    cab = make_cabinet(cabinet_id="CAB-BIG", assign_lanes=False)
+    assert cab.platform is not None
+    big = [_product("", f"Product {i}", f"PA-2026-{i:06d}", gtin="0" + with_check_digit(f"69{i:010d}"))
+           for i in range(300_000)]
+    doc = cab.platform.make_catalog(2, big + list(DEMO_PRODUCTS))
+    wal = cab.workdir / "data" / "catalog.db-wal"
+    before = wal.stat().st_size if wal.exists() else 0
+    cab.platform.publish_catalog(doc, "snapshot")
+    # the install is under way once its staging writes grow the catalog's WAL by megabytes
+    wait_until(lambda: wal.exists() and wal.stat().st_size > before + 8 * 2**20, 60, "install under way")
+    cab.kill_agent()
+    assert not any(e.get("version") == 2 for e in cab.platform.events("catalog_installed"))
+    # the old catalog (version 1) is intact: read it with the daemon down, straight from its file
+    store = CatalogStore(cab.workdir / "data" / "catalog.db", cab.platform.private_key.public_key())
+    assert store.version == 1 and store.product_count == len(DEMO_PRODUCTS)
+    store.close()
+    # a restart receives the retained snapshot again and installs it cleanly
+    cab.start_agent()
+    cab.wait_catalog(2, timeout=90)
+    out = cab.ctl("catalog", "--json")
+    assert json.loads(out.stdout)["products"] == 300_000 + len(DEMO_PRODUCTS)
+    assert cab.ctl("catalog", "lookup", big[123_456]["gtin"]).returncode == 0
+    assert cab.ctl("catalog", "lookup", DEMO_PRODUCTS[0]["gtin"]).returncode == 0

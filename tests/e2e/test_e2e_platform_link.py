@@ -21,7 +21,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -32,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent import protocol
 from agent.control import request
 from agent.sim.cabinet import SimulatedCabinet, Timings
+from cabinet_helpers import cabinetctl_status
 from drivers.lockboard.codec import UnlockRequest
 from helpers import wait_until
 
@@ -64,13 +64,6 @@ def control(cab: SimulatedCabinet, cmd: str, args: dict[str, Any] | None = None)
     answer = request(str(cab.workdir / "control.sock"), cmd, args, timeout_s=10)
     assert answer.get("ok"), answer
     return answer["result"]
-
-
-def cabinetctl_status(cab: SimulatedCabinet) -> dict[str, Any]:
-    """``cabinetctl status --json``, the operator's real tool (a subprocess)."""
-    out = cab.ctl("status", "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def wait_all_delivered(cab: SimulatedCabinet, timeout: float = 20.0) -> int:
@@ -170,7 +163,7 @@ class Sniffer:
         self._client = client
         self._host, self._port = host, port
 
-    def start(self, timeout: float = 10.0) -> "Sniffer":
+    def start(self, timeout: float = 10.0) -> Sniffer:
         self._client.connect(self._host, self._port, keepalive=30)
         self._client.loop_start()
         self.wait_for(lambda: self.ready, timeout, "sniffer subscribed")
@@ -222,21 +215,8 @@ class Sniffer:
 
 
 @pytest.fixture
-def make_cabinet(tmp_path: Path) -> Iterator[Callable[..., SimulatedCabinet]]:
-    made: list[SimulatedCabinet] = []
-
-    def make(name: str = "cab", **kw: Any) -> SimulatedCabinet:
-        kw.setdefault("cabinet_id", CAB_ID)
-        kw.setdefault("timings", Timings.fast())
-        cab = SimulatedCabinet(tmp_path / name, **kw)
-        made.append(cab)
-        return cab.start()
-
-    try:
-        yield make
-    finally:
-        for cab in made:
-            cab.stop()
+def cabinet_id() -> str:
+    return CAB_ID
 
 
 @pytest.fixture
@@ -538,8 +518,9 @@ def test_malformed_commands_never_crash_and_lose_nothing(make_cabinet: Callable[
     wrong_sig_type = str(uuid.uuid4())
     p.publish_raw("cmd", {"id": wrong_sig_type, "type": "status", "sig": 12345})
     with_id.append((wrong_sig_type, "status"))
-    signed_bad_args = protocol.sign({"id": str(uuid.uuid4()), "type": "resend", "issued_at": protocol.format_ts(utcnow()),
-                                 "expires_at": protocol.format_ts(utcnow() + secs(60)), "args": [1]}, p.private_key)
+    signed_bad_args = protocol.sign({"id": str(uuid.uuid4()), "type": "resend",
+                                     "issued_at": protocol.format_ts(utcnow()),
+                                     "expires_at": protocol.format_ts(utcnow() + secs(60)), "args": [1]}, p.private_key)
     p.publish_raw("cmd", signed_bad_args)
     with_id.append((signed_bad_args["id"], "resend"))
     signed_bad_ts = protocol.sign({"id": str(uuid.uuid4()), "type": "status", "issued_at": 1764400000,
@@ -547,8 +528,9 @@ def test_malformed_commands_never_crash_and_lose_nothing(make_cabinet: Callable[
     p.publish_raw("cmd", signed_bad_ts)
     with_id.append((signed_bad_ts["id"], "status"))
     signed_type_not_str = protocol.sign({"id": str(uuid.uuid4()), "type": ["status"], "issued_at":
-                                     protocol.format_ts(utcnow()), "expires_at": protocol.format_ts(utcnow() + secs(60)),
-                                     "args": {}}, p.private_key)
+                                         protocol.format_ts(utcnow()),
+                                         "expires_at": protocol.format_ts(utcnow() + secs(60)),
+                                         "args": {}}, p.private_key)
     p.publish_raw("cmd", signed_type_not_str)
     with_id.append((signed_type_not_str["id"], None))
     # Signed, but the id is not a string: refused with command_id null (nobody to reply to).
@@ -724,9 +706,9 @@ def test_offline_backlog_arrives_in_order_after_reconnect(make_cabinet: Callable
     last = control_status(cab)["last_seq"]
     for door in (1, 2):
         board.force_open(door)
-        wait_until(lambda: control_status(cab)["last_seq"] > last, 10, f"door_forced {door} recorded offline")
+        wait_until(lambda last=last: control_status(cab)["last_seq"] > last, 10, f"door_forced {door} recorded offline")
         board.close_door(door)
-        wait_until(lambda: control_status(cab)["doors"][door - 1]["open"] is False, 10, f"door {door} shut")
+        wait_until(lambda door=door: control_status(cab)["doors"][door - 1]["open"] is False, 10, f"door {door} shut")
         last = control_status(cab)["last_seq"]
     for i in range(8):
         control(cab, "service", {"on": i % 2 == 0})
@@ -908,8 +890,8 @@ def test_seq_is_gap_free_across_sigkill(make_cabinet: Callable[..., SimulatedCab
         cab.kill_agent()
         seq_before = ledger_last_seq_offline(cab)
         cab.start_agent()
-        p.wait_for(lambda: (p.records.get(seq_before + 1) or {}).get("body", {}).get("kind") == "agent_started",
-                   15, f"agent_started as seq {seq_before + 1}")
+        p.wait_for(lambda seq_before=seq_before: (p.records.get(seq_before + 1) or {}).get("body", {}).get("kind")
+                   == "agent_started", 15, f"agent_started as seq {seq_before + 1}")
     last = wait_all_acked(cab)
     kinds = [r["body"].get("kind") for r in p.records_in_order()]
     assert kinds[-6:] == ["command_rejected", "agent_started"] * 3
@@ -935,8 +917,8 @@ def test_command_with_lone_surrogate_is_rejected_with_reply(make_cabinet: Callab
     cab = make_cabinet()
     assert cab.platform
     cid = str(uuid.uuid4())
-    payload = ('{"id":"%s","type":"status","issued_at":"%s","expires_at":"%s","args":{"note":"\\ud800"},'
-               '"sig":"AAAA"}' % (cid, protocol.format_ts(utcnow()), protocol.format_ts(utcnow() + secs(60))))
+    payload = (f'{{"id":"{cid}","type":"status","issued_at":"{protocol.format_ts(utcnow())}",'
+               f'"expires_at":"{protocol.format_ts(utcnow() + secs(60))}","args":{{"note":"\\ud800"}},"sig":"AAAA"}}')
     cab.platform.publish_raw("cmd", payload.encode())
     barrier(cab)
     assert cab.agent is not None and cab.agent.poll() is None

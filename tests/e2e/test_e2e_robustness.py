@@ -11,19 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.sim.cabinet import SimulatedCabinet, Timings
+from agent.sim.cabinet import SimulatedCabinet
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def cabinet(tmp_path: Path):
-    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-ROB", timings=Timings.fast())
-    try:
-        cab.start()
-        yield cab
-    finally:
-        cab.stop()
+def cabinet_id() -> str:
+    return "CAB-ROB"
 
 
 def test_a_second_daemon_on_the_same_data_dir_refuses_to_start(cabinet: SimulatedCabinet) -> None:

@@ -4,30 +4,15 @@ driven through MQTT alone (issue 2, acceptance 2 and 4)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from agent.sim.cabinet import SimulatedCabinet, Timings
+from agent.sim.cabinet import SimulatedCabinet
+from cabinet_helpers import ctl_json
+from cabinet_helpers import unlock_frames as _unlock_frames
 from helpers import wait_until
-from drivers.lockboard.codec import UnlockRequest
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def cabinet(tmp_path: Path):
-    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-E2E", timings=Timings.fast())
-    try:
-        cab.start()
-        yield cab
-    finally:
-        cab.stop()
-
-
-def _unlock_frames(cab: SimulatedCabinet, lock: int) -> int:
-    frame = UnlockRequest(1, lock).to_bytes()
-    return sum(1 for _t, f in cab.lockboard.received if f == frame)
 
 
 def test_twenty_sessions_through_mqtt(cabinet: SimulatedCabinet) -> None:
@@ -77,12 +62,7 @@ def test_twenty_sessions_through_mqtt(cabinet: SimulatedCabinet) -> None:
     last = max(cab.platform.records)
     cab.platform.wait_contiguous(last)
 
-    def unsynced() -> int:
-        out = cab.ctl("status", "--json")
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)["unsynced"]
-
-    wait_until(lambda: unsynced() == 0, 15, "cabinetctl status shows 0 unsynced")
+    wait_until(lambda: ctl_json(cab, "status")["unsynced"] == 0, 15, "cabinetctl status shows 0 unsynced")
     status = json.loads(cab.ctl("status", "--json").stdout)
     assert status["broker_connected"] is True and status["mode"] == "ready"
     assert {ln["lane"] for ln in status["lanes"]} == {"A1", "A2", "B1", "B2"}

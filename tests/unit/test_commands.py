@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.rules.commands import Command, Rejected, parse_payload, validate
 from agent.config import Config, parse_config
 from agent.protocol import canonical, epoch_of, public_key_b64, sign, ts_from_epoch
+from agent.rules.commands import Command, Rejected, parse_payload, validate
 
 NOW = epoch_of("2026-11-29T08:00:00.000Z")
 SKEW = 300.0

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from agent.rules.doors import (
     ActiveSession,
     Closed,
+    DoorBusy,
     DoorForced,
     DoorMachine,
     LeftOpen,
@@ -47,7 +48,8 @@ def step(m: DoorMachine, now: float, feedback: bool | None, stable: bool = True)
     return m.step(now, wall(now), feedback, stable)
 
 
-def poll(m: DoorMachine, t0: float, t1: float, feedback: bool | None, stable: bool = True) -> list[tuple[float, object]]:
+def poll(m: DoorMachine, t0: float, t1: float, feedback: bool | None,
+         stable: bool = True) -> list[tuple[float, object]]:
     """Poll every POLL seconds from t0 up to and including t1; returns (time, action) pairs."""
     out: list[tuple[float, object]] = []
     n = round((t1 - t0) / POLL)
@@ -408,7 +410,7 @@ def test_resumed_open_session_still_open_is_not_opened_again() -> None:
 def test_begin_twice_is_refused() -> None:
     m = machine()
     m.begin(session())
-    with pytest.raises(RuntimeError):
+    with pytest.raises(DoorBusy, match="door 1 already has session"):
         m.begin(ActiveSession(session_id="other", door=1, shopper="x", unlock_at=1.0))
     assert m.session.session_id == SID
 

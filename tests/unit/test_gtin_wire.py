@@ -12,16 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import GtinError, SignatureError
-from drivers.gs1 import (
-    BAD_CHECK_DIGIT,
-    MALFORMED,
-    InvalidGtin,
-    check_digit,
-    expand_upce,
-    normalize,
-    try_normalize,
-    with_check_digit,
-)
 from agent.protocol import (
     canonical,
     epoch_of,
@@ -34,12 +24,22 @@ from agent.protocol import (
     verify_bytes,
     verify_signed,
 )
+from drivers.gs1 import (
+    BAD_CHECK_DIGIT,
+    MALFORMED,
+    InvalidGtin,
+    check_digit,
+    expand_upce,
+    normalize,
+    try_normalize,
+    with_check_digit,
+)
 
 
 def gs1_check(body: str) -> int:
     """GS1 General Specifications 7.9.1, written out: weights 3,1,3,... from the rightmost body digit."""
     weights = [3 if i % 2 == 0 else 1 for i in range(len(body))]
-    total = sum(int(d) * w for d, w in zip(reversed(body), weights))
+    total = sum(int(d) * w for d, w in zip(reversed(body), weights, strict=True))
     return (10 - total % 10) % 10
 
 
@@ -193,7 +193,7 @@ def test_upce_malformed(code: str) -> None:
 def test_canonical_is_sorted_compact_utf8() -> None:
     obj = {"b": 1, "a": {"d": "é", "c": [1, 2.5, None, True, False]}, "Z": "香菇 €"}
     assert canonical(obj) == (
-        '{"Z":"香菇 €","a":{"c":[1,2.5,null,true,false],"d":"é"},"b":1}'.encode("utf-8")
+        '{"Z":"香菇 €","a":{"c":[1,2.5,null,true,false],"d":"é"},"b":1}'.encode()
     )
     assert canonical(obj) == b'{"Z":"\xe9\xa6\x99\xe8\x8f\x87 \xe2\x82\xac","a":{"c":[1,2.5,null,true,false],' \
                              b'"d":"\xc3\xa9"},"b":1}'

@@ -343,7 +343,8 @@ def test_extractor_rejects_non_request():
 
 
 def test_request_scanner_resyncs_and_keeps_incomplete_tail():
-    data = H("00 8A 01") + UnlockRequest(1, 1).to_bytes() + H("80 01 00 33 B3") + QueryAllRequest(2).to_bytes() + H("80 01")
+    data = (H("00 8A 01") + UnlockRequest(1, 1).to_bytes() + H("80 01 00 33 B3") + QueryAllRequest(2).to_bytes()
+            + H("80 01"))
     buf = bytearray(data)
     assert take_request_frames(buf) == [H("8A 01 01 11 9B"), QueryAllRequest(2).to_bytes()]
     assert buf == H("80 01")
