@@ -93,7 +93,8 @@ class SimulatedCabinet:
     def __init__(self, workdir: Path, *, cabinet_id: str = "CAB-DEMO", timings: Timings | None = None,
                  products: list[dict[str, Any]] | None = None, lanes: list[LaneSpec] | None = None,
                  camera_source: str = "", log_level: str = "info", config_extra: dict[str, Any] | None = None,
-                 auto_ack: bool = True, on_unlock: Callable[[int], None] | None = None) -> None:
+                 auto_ack: bool = True, on_unlock: Callable[[int], None] | None = None,
+                 ingest_dsn: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cabinet_id = cabinet_id
@@ -105,6 +106,8 @@ class SimulatedCabinet:
         self.config_extra = config_extra or {}
         self.auto_ack = auto_ack
         self.on_unlock = on_unlock
+        self.ingest_dsn = ingest_dsn   # also feed a reference ingest worker (agent.platform.ingest)
+        self.ingest: Any = None
         self.config_path = self.workdir / "agent.toml"
         self.agent_log = self.workdir / "agent.log"
         self.broker: PrivateBroker | None = None
@@ -125,6 +128,11 @@ class SimulatedCabinet:
 
     def _start(self, assign_lanes: bool, publish_catalog: bool) -> SimulatedCabinet:
         self.broker = PrivateBroker(log_dir=self.workdir)
+        if self.ingest_dsn:
+            from agent.platform.ingest import BackgroundIngest
+
+            # subscribed before the agent starts, so that it sees every record from seq 1
+            self.ingest = BackgroundIngest([self.broker.url], self.ingest_dsn).__enter__()
         self.lockboard = LockBoardSimulator(address=1, latch_release_s=self.timings.latch_release_s,
                                             on_unlock=self.on_unlock)
         self.lockboard.start()
@@ -223,6 +231,9 @@ class SimulatedCabinet:
     def stop(self) -> None:
         """Stop whatever runs (idempotent); the parts stay readable for post-mortems."""
         self.stop_agent()
+        if self.ingest is not None:
+            self.ingest.close()
+            self.ingest = None
         for part in (self.platform, self.lockboard, self.scales, self.broker):
             if part is not None:
                 try:

@@ -89,11 +89,33 @@ def camera_frames(folder: Path, fps: float = 10.0) -> str:
     return str(folder / "*.jpg")
 
 
+def print_supervision_report(cab: SimulatedCabinet, dsn: str, out: TextIO) -> None:
+    """The supervision view of what the reference ingest stored (spec/platform.md, report)."""
+    from agent.platform import report
+    from agent.platform.dsn import open_store
+
+    assert cab.ingest is not None and cab.agent is not None
+    last_seq = json.loads(cab.ctl("status", "--json").stdout)["last_seq"]
+    deadline = time.monotonic() + 15
+    store = open_store(dsn)
+    try:
+        while time.monotonic() < deadline:   # the worker commits in short batches
+            cabinets = report.build(store).get("cabinets", [])
+            if cabinets and all(c.get("records", 0) >= last_seq for c in cabinets):
+                break
+            time.sleep(0.2)
+        print("\nsupervision report (cabinet-platform report --db " + dsn + "):", file=out)
+        report.write_tables(report.build(store), out)
+    finally:
+        store.close()
+
+
 def run_demo(sessions: int = 8, speed: float = 1.0, out: TextIO = sys.stdout, seed: int | None = None) -> int:
     rng = random.Random(seed)
     workdir = Path(tempfile.mkdtemp(prefix="cabinet-demo-"))
+    platform_db = workdir / "platform.db"
     cab = SimulatedCabinet(workdir, cabinet_id="CAB-DEMO", timings=Timings(), log_level="warning",
-                           camera_source=camera_frames(workdir / "camera"))
+                           camera_source=camera_frames(workdir / "camera"), ingest_dsn=f"sqlite:///{platform_db}")
     view = LiveView(cab, out)
     pace = 1.0 / max(speed, 0.1)
     print(f"cabinet-agent demo: a simulated cabinet in {workdir} (Ctrl-C stops everything)", file=out)
@@ -148,6 +170,7 @@ def run_demo(sessions: int = 8, speed: float = 1.0, out: TextIO = sys.stdout, se
         print(f"\n{len(sales)} sales, {total / 100:.2f} in total; the platform holds records"
               f" 1..{cab.platform.contiguous_upto}"
               f" with {len(cab.platform.chain_errors)} chain errors and acknowledged them all.", file=out)
+        print_supervision_report(cab, f"sqlite:///{platform_db}", out)
         return 0
     except KeyboardInterrupt:
         print("\nstopping...", file=out)
