@@ -1,11 +1,16 @@
 """The catalog installer thread: installs can take seconds (a national catalog), so they run
 off the core thread; the core is told the outcome and records the event.
 
-Bounded: at most one document waits per topic, the newest (a snapshot that arrives while an
-older one waits replaces it: installing the older one first would be wasted work, and holding
-both would hold two national catalogs). A waiting MQTT document is a spool file, not bytes.
-Documents are installed in the order their topics first got one waiting. A file install from
-``cabinetctl`` runs under the same lock, so two installs never interleave.
+Bounded: on the snapshot topic at most one document waits, the newest (a snapshot that arrives
+while an older one waits replaces it: installing the older one first would be wasted work, and
+holding both would hold two national catalogs). On the delta and per-cabinet topics up to
+``max_waiting`` wait in order, because a newer delta does not make an older one useless: the
+deltas queued in the session while a cabinet was offline arrive in a burst at the reconnect,
+and keeping only the last would turn them into a base_mismatch and a full snapshot download;
+beyond that the oldest waiting one is superseded. A waiting document larger than 1 MiB is a
+spool file, not bytes (``agent.mqtt_payload``), so what waits costs disk, not memory. Documents
+are installed in the order they were submitted. A file install from ``cabinetctl`` runs under
+the same lock, so two installs never interleave.
 
 Acknowledgement (mqtt.md v1.1): an MQTT document is acknowledged (``Document.finish``) once it
 is installed or rejected, after its outcome is posted to the core; a superseded one when it is
@@ -29,28 +34,35 @@ from agent.store.catalog import CatalogStore
 log = logging.getLogger(__name__)
 
 
+SNAPSHOT_TOPIC = "cab/v1/catalog"
+
+
 class CatalogWorker(threading.Thread):
-    def __init__(self, store: CatalogStore, post: Callable[[Any], None]) -> None:
+    def __init__(self, store: CatalogStore, post: Callable[[Any], None], max_waiting: int = 4) -> None:
         super().__init__(name="catalog", daemon=True)
         self.store = store
         self.post = post
+        self.max_waiting = max_waiting
         self._cond = threading.Condition()
-        self._waiting: collections.OrderedDict[str, Document] = collections.OrderedDict()
+        self._waiting: collections.deque[Document] = collections.deque()
         self._stopped = False
         self._lock = threading.Lock()
 
     def submit(self, doc: Document) -> None:
-        """Queue a document from the link (any thread); it replaces one waiting on its topic."""
+        """Queue a document from the link (any thread); see the module docstring for what it supersedes."""
+        superseded: list[Document] = []
         with self._cond:
             if self._stopped:
-                old: Document | None = doc  # not handled: not acknowledged, the broker keeps it
-            else:
-                old = self._waiting.get(doc.topic)
-                self._waiting[doc.topic] = doc  # an existing key keeps its place in the order
-                self._cond.notify()
-        if old is doc:
-            log.info("catalog worker stopped: %r left to the broker", doc)
-        elif old is not None:
+                log.info("catalog worker stopped: %r left to the broker", doc)
+                return  # not handled: not acknowledged, the broker keeps it
+            same = [d for d in self._waiting if d.topic == doc.topic]
+            keep = 0 if doc.topic == SNAPSHOT_TOPIC else self.max_waiting - 1
+            superseded = same[:max(0, len(same) - keep)]
+            for old in superseded:
+                self._waiting.remove(old)
+            self._waiting.append(doc)
+            self._cond.notify()
+        for old in superseded:
             log.info("catalog document on %s (%d bytes) superseded by a newer one before its install",
                      old.topic, len(old))
             old.finish()
@@ -78,7 +90,7 @@ class CatalogWorker(threading.Thread):
                     self._cond.wait()
                 if self._stopped:
                     return
-                _topic, doc = self._waiting.popitem(last=False)
+                doc = self._waiting.popleft()
             self._install(doc)
 
     def _install(self, doc: Document) -> None:

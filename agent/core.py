@@ -30,6 +30,7 @@ from agent.clock import Clock
 from agent.config import Config
 from agent.errors import CatalogError, CatalogStoreError
 from agent.events import (
+    CameraDegraded,
     CatalogOutcome,
     ControlCall,
     DeviceFault,
@@ -118,7 +119,8 @@ class Core:
         self.recorder = Recorder(self.ledger, self.clock)
         self.view = StatusView(cfg, self.state, self.recorder, self.catalog, self.clock)
         self.schedule = StatusSchedule(cfg.platform.status_interval_s)
-        self.sessions = SessionRunner(self.state, self.recorder, self.catalog, self.clock, cfg, self)
+        self.sessions = SessionRunner(self.state, self.recorder, self.catalog, self.clock, cfg, self,
+                                      storage_low=self.view.storage_low)
         self.syncer = Syncer(self.ledger, cfg.cabinet.id, self._publish_batch, cfg.platform.max_batch,
                              cfg.platform.ack_timeout_s)
         self.command_rejections = RejectionLimiter("command")
@@ -153,6 +155,7 @@ class Core:
                 unlock_at=now - max(0.0, wall - row["unlock_at"]), phase=phase,
                 opened_at=row["opened_at"], closed_at=row["closed_at"],
                 settle_from=now if phase is Phase.SETTLING else None, scans=list(row["scans"]),
+                door_read=False,
             )
             machine.begin(session)
             log.warning("resuming session %s on door %d in phase %s (no second unlock)", session.session_id,
@@ -241,6 +244,8 @@ class Core:
             self._on_unlock_done(item)
         elif isinstance(item, LockProbed):
             self.sessions.on_lock_probed(item.ok)
+        elif isinstance(item, CameraDegraded):
+            self._on_camera_degraded(item)
         elif isinstance(item, Inbound):
             self._on_inbound(item)
         elif isinstance(item, LinkUp):
@@ -362,6 +367,14 @@ class Core:
         else:
             self.state.faults.discard(alarm)
             self.recorder.event(EventKind.HARDWARE_RECOVERED, device=str(item.device), **unit)
+        self.publish_status()
+
+    def _on_camera_degraded(self, item: CameraDegraded) -> None:
+        """A missing decoder is an alarm, not a stop (operations.md: optional parts)."""
+        self.state.faults = {a for a in self.state.faults if not a.startswith(Alarm.decoder_missing(""))}
+        self.state.faults.update(Alarm.decoder_missing(name) for name in item.missing)
+        if item.missing:
+            log.warning("the camera runs without %s: %s", ", ".join(item.missing), item.detail)
         self.publish_status()
 
     def lane_weight(self, lane: str, rows: dict[str, dict[str, Any]] | None = None) -> float | None:
@@ -584,6 +597,7 @@ def open_catalog_cache(path: Path, key: Ed25519PublicKey, timezone: str) -> Cata
 
 
 def _clip(text: str | None, limit: int = 200) -> str | None:
+    """At most ``limit`` characters, an ellipsis included."""
     if text is None or len(text) <= limit:
         return text
-    return text[:limit] + "..."
+    return text[:limit - 3] + "..."

@@ -31,7 +31,7 @@ from agent.control_handlers import Operator
 from agent.core import Core
 from agent.devices import LockboardThread, ScaleThread
 from agent.errors import AgentError
-from agent.events import DeviceFault, DeviceKind, DeviceRecovered, ScanSeen
+from agent.events import CameraDegraded, DeviceFault, DeviceKind, DeviceRecovered, ScanSeen
 from agent.mqtt_link import MqttLink
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,8 @@ class Daemon:
             on_scan=lambda s: core.post(ScanSeen(s.symbology, s.text, s.gtin)),
             on_fault=lambda detail: core.post(DeviceFault(DeviceKind.CAMERA, None, detail)),
             on_recovered=lambda: core.post(DeviceRecovered(DeviceKind.CAMERA, None)),
+            on_degraded=lambda detail: core.post(CameraDegraded(tuple(scanner.missing_decoders), detail)),
+            on_degraded_cleared=lambda: core.post(CameraDegraded(())),
         )
         scanner.start()
         self.camera = scanner

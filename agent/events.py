@@ -66,6 +66,15 @@ class UnlockDone:
 
 
 @dataclass(frozen=True)
+class CameraDegraded:
+    """The camera runs without some of its barcode decoders (``missing``: "zbar", "zxing");
+    an empty ``missing`` means it has all of them again."""
+
+    missing: tuple[str, ...]
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class LockProbed:
     """The answer to an extra query of a faulted lock board (sessions rule 8)."""
 

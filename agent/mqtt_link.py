@@ -233,6 +233,11 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def held(self) -> int:
+        """Messages received and handed over whose owner has not acknowledged them yet."""
+        return self._book.pending
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
         """Hand a message to the link's thread if connected; returns a handle, or None when offline.
 

@@ -111,15 +111,16 @@ class Recorder:
         """Housekeeping: is the ledger writable again? Then write what waited, in order."""
         if self.writable and not self._pending:
             return
+        waiting = list(self._pending)
         try:
             with self.ledger.transaction() as tx:
-                while self._pending:
-                    at, body = self._pending[0]
+                for at, body in waiting:
                     tx.append(RecordType.EVENT, body, at)
-                    self._pending.popleft()
         except (sqlite3.Error, OSError, AgentError) as exc:
-            self.failed(exc)
+            self.failed(exc)   # nothing was written: every event still waits, in order
             return
+        for _ in waiting:
+            self._pending.popleft()
         if not self.writable:
             log.warning("the ledger accepts records again")
         self.writable = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +55,14 @@ class PendingOpen:
 
 class SessionRunner:
     def __init__(self, state: CabinetState, recorder: Recorder, catalog: CatalogStore, clock: Clock, cfg: Config,
-                 outbox: Outbox) -> None:
+                 outbox: Outbox, storage_low: Callable[[], bool] = lambda: False) -> None:
         self.state = state
         self.recorder = recorder
         self.catalog = catalog
         self.clock = clock
         self.cfg = cfg
         self.outbox = outbox
+        self.storage_low = storage_low
         self.pending_open: dict[int, PendingOpen] = {}
         self.pending_reply: dict[str, str] = {}   # session_id -> command id awaiting the unlock result
 
@@ -104,6 +106,9 @@ class SessionRunner:
             self.recorder.recheck()   # a transient error must not refuse sessions until housekeeping
         if not self.recorder.writable:
             raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type)
+        if self.storage_low():
+            # refused before the ledger can fail: a session must be able to record its sale
+            raise Rejected("not_allowed: storage is low (storage_low)", cmd.id, cmd.type)
         if st.lock_faulted and not probe_ok:
             raise Rejected("not_allowed: the lock board is not answering", cmd.id, cmd.type)
         lane = st.faulted_lane(door)

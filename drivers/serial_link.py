@@ -8,6 +8,7 @@ back is picked up again without restarting the daemon.
 from __future__ import annotations
 
 import logging
+import termios
 import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar, cast
@@ -17,6 +18,9 @@ import serial
 from drivers.errors import LinkError, LinkTimeout
 
 log = logging.getLogger(__name__)
+
+# A vanished USB adapter makes pyserial's flush and reset raise termios.error, which is no OSError.
+_PORT_ERRORS = (serial.SerialException, OSError, termios.error)
 T = TypeVar("T")
 
 # extract(buffer) -> a decoded reply, or None while more bytes are needed; it deletes from
@@ -60,7 +64,7 @@ class SerialLink:
         if port is not None:
             try:
                 port.close()
-            except (serial.SerialException, OSError):
+            except _PORT_ERRORS:
                 pass
 
     @property
@@ -87,6 +91,6 @@ class SerialLink:
                         return reply
                 if time.monotonic() >= deadline:
                     raise LinkTimeout(f"no valid reply on {self.url} (got {bytes(buf).hex(' ') or 'nothing'})")
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             self.close()
             raise LinkError(f"I/O error on {self.url}: {exc}") from exc

@@ -368,11 +368,14 @@ class CrashHarness:
             # killed between the journal commit and the unlock frame: the agent never unlocks again
             # (rule 1/6), so the session runs into open_timeout_s and ends as session_timeout
             return "journaled" if self._up_for(TIMINGS.open_timeout_s + 1) else None
-        if reply is not None and reply.get("ok") is False and not str(reply.get("error", "")).startswith("replay"):
+        replay = reply is not None and str(reply.get("error", "")).startswith("replay")
+        if reply is not None and reply.get("ok") is False and not replay:
             track.detail = str(reply.get("error"))
             return "refused"
-        if reply is None and self._up_for(LOST_AFTER_S, since=track.sent_at or 0.0):
-            track.detail = "no reply, no unlock, no journal, no record"
+        if (reply is None or replay) and self._up_for(LOST_AFTER_S, since=track.sent_at or 0.0):
+            # a redelivery refused as a replay of an id that was never journaled is a loss too
+            track.detail = ("refused as a replay, never served" if replay
+                            else "no reply, no unlock, no journal, no record")
             return "lost_command"
         return None
 

@@ -154,7 +154,8 @@ def cmd_publish_catalog(a: argparse.Namespace) -> int:
 
 
 def _open_store(dsn: str, *, create: bool) -> Any:
-    from agent.platform.store import DsnError, StoreError, open_store
+    from agent.platform.dsn import open_store
+    from agent.platform.store import DsnError, StoreError
 
     try:
         return open_store(dsn, create=create)
@@ -274,7 +275,7 @@ def _run_fleet(fl: Any, a: argparse.Namespace, started: float) -> dict[str, Any]
         if now - last_print >= 5.0 and not a.json:
             span = now - last_print
             print(f"{now - started:7.1f}s  online {st.connected}/{st.cabinets}  published {st.published}"
-                  f" ({(st.published - last.published) / span:.0f}/s)  acked {st.acked - acked0}"
+                  f" ({(st.published - last.published) / span:.0f}/s)  acked {st.acked}"
                   f" ({(st.acked - last.acked) / span:.0f}/s)  cabinets waiting for acks {st.undrained}", flush=True)
             last_print, last = now, st
         if now >= end and drain_deadline is None:
@@ -286,7 +287,7 @@ def _run_fleet(fl: Any, a: argparse.Namespace, started: float) -> dict[str, Any]
     latencies.sort()
     return {"cabinets": st.cabinets, "online": st.connected, "seconds": round(elapsed, 3),
             "published": st.published, "published_per_s": st.published / elapsed,
-            "acked": st.acked - acked0, "acked_per_s": (st.acked - acked0) / elapsed,
+            "acked": st.acked, "acked_per_s": (st.acked - acked0) / elapsed,
             "appended": st.appended, "undrained": st.undrained,
             "latency_p50_s": _pct(latencies, 0.50), "latency_p99_s": _pct(latencies, 0.99)}
 
@@ -305,7 +306,8 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cabinet-platform", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cabinet-platform",
+                                     description="The platform side of mqtt.md for a pilot (platform.md).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="write a new Ed25519 private key, print its public key")

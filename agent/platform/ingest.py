@@ -336,3 +336,43 @@ def _status_update(cabinet: str, payload: bytes, received_at: str) -> StatusUpda
     last_seq = obj.get("last_seq")
     return StatusUpdate(cabinet, text, online if isinstance(online, bool) else None, received_at,
                         last_seq if type(last_seq) is int and last_seq >= 0 else None)
+
+
+class BackgroundIngest:
+    """An ingest worker on a thread of this process, for the demo and tests::
+
+        with BackgroundIngest(["mqtt://127.0.0.1:1883"], "sqlite:///platform.db") as ingest:
+            ...                      # cabinets run; ingest.store is the worker's store
+        report.build(open_store("sqlite:///platform.db"))
+    """
+
+    def __init__(self, brokers: list[str], dsn: str, *, subscribe_timeout_s: float = 10.0, **kw: Any) -> None:
+        from agent.platform.dsn import open_store
+
+        self.store = open_store(dsn)
+        try:
+            self.worker = IngestWorker([BrokerUrl.parse(b) for b in brokers], self.store, **kw)
+        except BaseException:
+            self.store.close()
+            raise
+        self._timeout = subscribe_timeout_s
+        self._thread = threading.Thread(target=self.worker.run, name="ingest", daemon=True)
+
+    def __enter__(self) -> BackgroundIngest:
+        self.worker.start()
+        if not self.worker.wait_subscribed(self._timeout):
+            self.worker.request_stop()
+            self._thread.start()
+            self.close()
+            raise TimeoutError(f"the ingest worker did not subscribe within {self._timeout:g} s")
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.worker.request_stop()
+        if self._thread.is_alive():
+            self._thread.join(15)
+        self.store.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,4 +1,4 @@
-"""Where the ingest keeps the feeds: the interface both databases implement, and ``open_store``.
+"""Where the ingest keeps the feeds: the interface both databases implement (``agent.platform.dsn`` opens one).
 
 The algorithm (what is a duplicate, a conflict, how far the chain is acked) lives in
 ``agent.platform.intake``; a store only does SQL. The contract a backend must keep:
@@ -17,7 +17,6 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
@@ -138,18 +137,3 @@ class Store(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
-
-
-def open_store(dsn: str, *, create: bool = True) -> Store:
-    """``sqlite:///PATH`` (SQLAlchemy style: ``sqlite:////abs/path.db``) or ``postgresql://...``."""
-    if dsn.startswith("sqlite:"):
-        if not dsn.startswith("sqlite:///") or dsn == "sqlite:///":
-            raise DsnError(f"{dsn!r}: a SQLite DSN is sqlite:///relative.db or sqlite:////absolute/path.db")
-        from agent.platform.store_sqlite import SqliteStore
-
-        return SqliteStore(Path(dsn[len("sqlite:///"):]), create=create)
-    if dsn.startswith(("postgresql://", "postgres://")):
-        from agent.platform.store_pg import PgStore
-
-        return PgStore(dsn, create=create)
-    raise DsnError(f"{dsn!r}: --db is sqlite:///PATH or postgresql://user@host:port/db")

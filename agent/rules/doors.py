@@ -52,6 +52,8 @@ class ActiveSession:
     closed_at: float | None = None
     settle_from: float | None = None  # monotonic: weights must be stable for settle_s after this
     scans: list[str] = field(default_factory=list)
+    door_read: bool = True   # False for a session resumed after a restart until its door was read
+
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -153,6 +155,8 @@ class DoorMachine:
     def step(self, now: float, wall: float, feedback_open: bool | None, lanes_stable: bool) -> list[Action]:
         """Advance to ``now`` given the latest feedback (None: board not answering)."""
         actions: list[Action] = []
+        if feedback_open is not None and self.session is not None:
+            self.session.door_read = True
         if feedback_open is True and not self._in_pulse(now):
             self._door_open(now, wall, actions)
         elif feedback_open is False:
@@ -214,7 +218,9 @@ class DoorMachine:
         s = self.session
         if s is None:
             return
-        if s.phase is Phase.WAIT_OPEN and now - s.unlock_at > self.timing.open_timeout_s:
+        # A resumed session is not timed out before its door was read: the shopper may have
+        # opened it while the agent was down (rule 6).
+        if s.phase is Phase.WAIT_OPEN and s.door_read and now - s.unlock_at > self.timing.open_timeout_s:
             s.phase = Phase.TIMED_OUT
             s.settle_from = now
         if s.phase in (Phase.SETTLING, Phase.TIMED_OUT) and s.settle_from is not None:

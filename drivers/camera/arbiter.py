@@ -3,23 +3,32 @@
 A misread is worse than a missed code here (a wrong GTIN becomes an ``uncertified_scan``
 held against an honest operator, or a wrong product restocked), so a code is reported only
 when independent evidence agrees. Reads are grouped by place in the frame (a symbol is one
-place); each place is judged on its own by these rules, each measured on real photos
-(scripts/bench_decode.py prints the effect of switching each one off):
+place); each place is judged on its own. Each rule was measured on the real photos
+(scripts/bench_decode.py switches them off one at a time; the README has the table):
 
 1. **Check digits.** An EAN/UPC text whose check digit is wrong is no read at all.
 2. **Partial reads.** At a place holding an EAN-13/UPC-A or Code 128 read, an EAN-8 or UPC-E
    read is a piece of the longer symbol and is dropped; so is a linear read inside a QR code.
 3. **Agreement (linear codes).** One check character protects a linear symbol, so one read
-   is not enough: two views must give the same text -- two decoders, or zxing-cpp at two
-   scales. zbar at two scales is *not* independent evidence: on real photos it repeats its
-   own misreads at every scale (zxing-cpp's binariser changes with scale; zbar's edge
-   detector hardly does). Only when zxing-cpp is missing (degraded mode, alarmed) do two
-   zbar scales count.
+   is not enough: two independent views must give the same text -- the two decoders, or
+   zxing-cpp at two scales. zbar at two scales is *not* independent: on real photos it
+   repeats its own misreads at every scale (zxing-cpp's binariser sees a rescaled image
+   differently; zbar's edge detector hardly does). Only without zxing-cpp (degraded mode,
+   alarmed) do two zbar scales count.
+   3b. **The pixels as a second view.** An EAN/UPC text read by one view counts twice when
+   the module centres, read a third way (``bars.read_pixels``: the best valid text under
+   the check digit on the decoded text's own alignment), give exactly the same text and
+   the quiet zones beside its guards are free of bars.
 4. **Contests.** When views read different linear texts at one place, votes do not settle
-   it (both decoders can repeat one misread). The pixel check (``bars``) decides: the text
-   whose bar pattern explains the pixels best by ``pixel_margin`` wins and counts that as its
-   second piece of evidence; otherwise every text of the place is dropped.
-5. **QR codes** carry Reed-Solomon error correction: one read is enough. zbar's QR text is
+   it (both decoders can repeat one misread). The pixel check decides: the text whose bar
+   pattern explains the pixels best by ``pixel_margin`` wins (its views and the pixel check
+   are its two pieces of evidence); otherwise every text of the place is dropped. Code 128
+   has no pixel check: a contested Code 128 place is dropped.
+5. **Pixel veto.** Fewer than three views agreeing on an EAN/UPC text may still share a
+   misread (both libraries read one blurred UPC-A photo as the same wrong EAN-13): when the
+   symbol is well imaged (its pattern correlates >= ``trusted_fit`` with the pixels) and its
+   module centres read another valid text, the text is dropped.
+6. **QR codes** carry Reed-Solomon error correction: one read is enough. zbar's QR text is
    dropped when zbar had to guess its character set (non-ASCII: it turns Shift-JIS into
    other CJK text); zxing-cpp follows ECI and the standard's defaults. A QR code whose area
    holds another one is partly covered by it (a code printed over a code): the covered one
@@ -121,6 +130,13 @@ def _same_place(a: Box, b: Box, linear: bool) -> bool:
     return small > 0 and _intersection(a, b) >= 0.25 * small
 
 
+def _root(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
 def places(reads: list[Read]) -> list[list[Read]]:
     """Reads grouped by place: linear and QR reads separately, overlapping ones together."""
     out: list[list[Read]] = []
@@ -128,20 +144,13 @@ def places(reads: list[Read]) -> list[list[Read]]:
         group = [r for r in reads if is_linear(r.symbology) == linear]
         boxes = [_box(r) for r in group]
         parent = list(range(len(group)))
-
-        def root(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
         for i in range(len(group)):
             for j in range(i):
                 if _same_place(boxes[i], boxes[j], linear):
-                    parent[root(i)] = root(j)
+                    parent[_root(parent, i)] = _root(parent, j)
         clusters: dict[int, list[Read]] = {}
         for i, r in enumerate(group):
-            clusters.setdefault(root(i), []).append(r)
+            clusters.setdefault(_root(parent, i), []).append(r)
         out.extend(clusters.values())
     return out
 
@@ -190,9 +199,9 @@ class Arbiter:
                 for key in _views(place):
                     verdict.dropped.append((key, "linear read inside a QR code"))
                 continue
-            key = self._linear_place(place, judge, verdict)
-            if key is not None:
-                accepted.append((box, self._decoded(key)))
+            won = self._linear_place(place, judge, verdict)
+            if won is not None:
+                accepted.append((box, self._decoded(won)))
         accepted.sort(key=lambda a: (a[0][1], a[0][0]))
         seen: set[Key] = set()
         for _, d in accepted:
@@ -263,8 +272,9 @@ class Arbiter:
             if veto is not None:
                 verdict.dropped.append((key, veto))
                 return None
+            by_zxing = any(v[0] == ZXING for v in views[key])
             if (rules.pixel_confirm and reading is not None and reading.text == key[1]
-                    and (reading.quiet or not rules.quiet_zones) and (rules.zbar_pixels or any(v[0] == ZXING for v in views[key]))):
+                    and (reading.quiet or not rules.quiet_zones) and (rules.zbar_pixels or by_zxing)):
                 count += 1  # the module centres, read a third way, give the same text
         if count >= 2:
             return key

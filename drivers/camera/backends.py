@@ -136,24 +136,21 @@ class ZbarBackend:
         zs = w.ZBarSymbol
         self._types = {int(zs.EAN13): "EAN13", int(zs.EAN8): "EAN8", int(zs.UPCA): "UPCA",
                        int(zs.UPCE): "UPCE", int(zs.CODE128): "CODE128", int(zs.QRCODE): "QRCODE"}
-        self._scanner = w.zbar_image_scanner_create()
-        if not self._scanner:
+        scanner = self._new_scanner()  # fails here, not on the first frame, if libzbar is broken
+        w.zbar_image_scanner_destroy(scanner)
+
+    def _new_scanner(self) -> Any:
+        """A scanner with exactly our symbologies. A fresh one per image: a reused zbar scanner
+        was measured to report different symbol outlines for the same image on later scans."""
+        w = self._w
+        scanner = w.zbar_image_scanner_create()
+        if not scanner:
             raise DecoderUnavailable(ZBAR, "zbar_image_scanner_create failed")
         enable = w.ZBarConfig.CFG_ENABLE
-        w.zbar_image_scanner_set_config(self._scanner, zs.NONE, enable, 0)  # symbology 0: all of them
+        w.zbar_image_scanner_set_config(scanner, w.ZBarSymbol.NONE, enable, 0)  # symbology 0: all of them
         for code in self._types:
-            w.zbar_image_scanner_set_config(self._scanner, code, enable, 1)
-
-    def close(self) -> None:
-        if self._scanner:
-            self._w.zbar_image_scanner_destroy(self._scanner)
-            self._scanner = None
-
-    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
+            w.zbar_image_scanner_set_config(scanner, code, enable, 1)
+        return scanner
 
     def read(self, gray: np.ndarray) -> list[Read]:
         w = self._w
@@ -162,15 +159,17 @@ class ZbarBackend:
         if h < 1 or wd < 1:
             return []
         data = img.tobytes()
+        scanner = self._new_scanner()
         image = w.zbar_image_create()
         if not image:
+            w.zbar_image_scanner_destroy(scanner)
             return []
         out: list[Read] = []
         try:
             w.zbar_image_set_format(image, self._GRAY)
             w.zbar_image_set_size(image, wd, h)
-            w.zbar_image_set_data(image, ctypes.cast(data, ctypes.c_void_p), len(data), None)
-            if w.zbar_scan_image(self._scanner, image) < 0:
+            w.zbar_image_set_data(image, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), len(data), None)
+            if w.zbar_scan_image(scanner, image) < 0:
                 return []
             symbol = w.zbar_image_first_symbol(image)
             while symbol:
@@ -180,6 +179,7 @@ class ZbarBackend:
                 symbol = w.zbar_symbol_next(symbol)
         finally:
             w.zbar_image_destroy(image)
+            w.zbar_image_scanner_destroy(scanner)
         return out
 
     def _read_symbol(self, symbol: Any) -> Read | None:
@@ -199,8 +199,8 @@ class ZbarBackend:
             guessed = True
         s, text = sym.canonical(name, text)
         n = w.zbar_symbol_get_loc_size(symbol)
-        pts = np.float32([[w.zbar_symbol_get_loc_x(symbol, i), w.zbar_symbol_get_loc_y(symbol, i)]
-                          for i in range(n)]) if n else np.zeros((1, 2), np.float32)
+        pts = np.asarray([[w.zbar_symbol_get_loc_x(symbol, i), w.zbar_symbol_get_loc_y(symbol, i)]
+                          for i in range(n)], dtype=np.float32) if n else np.zeros((1, 2), np.float32)
         return Read(s, text, ZBAR, 1.0, _oriented_quad(pts, _orientation(w, symbol)), guessed)
 
 
@@ -259,11 +259,11 @@ def load_backends(want: Sequence[str] = (ZXING, ZBAR)) -> Backends:
             zx = ZxingBackend()
         except DecoderUnavailable as exc:
             missing[ZXING] = exc.reason
-            log.warning("%s", exc)
+            log.info("%s", exc)  # the caller reports it (an alarm, a line on stderr)
     if ZBAR in want:
         try:
             zb = ZbarBackend()
         except DecoderUnavailable as exc:
             missing[ZBAR] = exc.reason
-            log.warning("%s", exc)
+            log.info("%s", exc)  # the caller reports it (an alarm, a line on stderr)
     return Backends(zx, zb, missing)

@@ -53,7 +53,7 @@ def pattern(symbology: str, text: str) -> np.ndarray | None:
     bits: str
     if symbology in (sym.EAN13, sym.UPCA) and len(text) in (12, 13):
         t = text if len(text) == 13 else "0" + text
-        left = "".join((_L if p == "L" else _G)[int(c)] for p, c in zip(_EAN13_PARITY[int(t[0])], t[1:7]))
+        left = "".join((_L if p == "L" else _G)[int(c)] for p, c in zip(_EAN13_PARITY[int(t[0])], t[1:7], strict=True))
         bits = "101" + left + "01010" + "".join(_R[int(c)] for c in t[7:]) + "101"
     elif symbology == sym.EAN8 and len(text) == 8:
         bits = ("101" + "".join(_L[int(c)] for c in text[:4]) + "01010"
@@ -62,7 +62,8 @@ def pattern(symbology: str, text: str) -> np.ndarray | None:
         parity = _UPCE_PARITY[int(text[7])]
         if text[0] == "1":
             parity = "".join("L" if p == "G" else "G" for p in parity)
-        bits = "101" + "".join((_L if p == "L" else _G)[int(c)] for p, c in zip(parity, text[1:7])) + "010101"
+        digits = "".join((_L if p == "L" else _G)[int(c)] for p, c in zip(parity, text[1:7], strict=True))
+        bits = "101" + digits + "010101"
     else:
         return None
     return np.frombuffer(bits.encode(), np.uint8) - ord("0")
@@ -93,9 +94,9 @@ def _sample(profiles: np.ndarray, pos: np.ndarray) -> np.ndarray:
         flat_i = i0.reshape(len(profiles), -1)
         a = np.take_along_axis(profiles, flat_i, axis=1).reshape(pos.shape)
         b = np.take_along_axis(profiles, flat_i + 1, axis=1).reshape(pos.shape)
-        return a + (b - a) * frac
+        return np.asarray(a + (b - a) * frac)
     a, b = profiles[:, i0], profiles[:, i0 + 1]
-    return a + (b - a) * frac[None]
+    return np.asarray(a + (b - a) * frac[None])
 
 
 def _scores(v: np.ndarray, fwd: np.ndarray, rev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -244,15 +245,16 @@ def _ml_text(symbology: str, z: np.ndarray) -> str | None:
         offs = [3 + 7 * i for i in range(6)]
         lsc, gsc = _digit_scores(z, offs, "L"), _digit_scores(z, offs, "G")
         best_e: tuple[float, str] | None = None
+        parity: str
         for ns in (0, 1):
             for check in range(10):
-                par = _UPCE_PARITY[check]
+                parity = _UPCE_PARITY[check]
                 if ns == 1:
-                    par = "".join("L" if p == "G" else "G" for p in par)
-                rows = [lsc[i] if p == "L" else gsc[i] for i, p in enumerate(par)]
-                digits = "".join(str(int(np.argmax(r))) for r in rows)
+                    parity = "".join("L" if p == "G" else "G" for p in parity)
+                rows = [lsc[i] if p == "L" else gsc[i] for i, p in enumerate(parity)]
+                six = "".join(str(int(np.argmax(r))) for r in rows)
                 total = float(sum(float(r.max()) for r in rows))
-                text = f"{ns}{digits}{check}"
+                text = f"{ns}{six}{check}"
                 if classify(text, sym.UPCE)[0] is not None and (best_e is None or total > best_e[0]):
                     best_e = (total, text)
         return best_e[1] if best_e else None
@@ -305,7 +307,7 @@ def read_pixels(crop: np.ndarray, symbology: str, text: str, x0: float, x1: floa
         return None
     n = len(bits)
     lines = _lines(crop, y0, y1)
-    aligned = sorted(zip(align_lines(lines, bits, x0, x1), lines), key=lambda a: -a[0].score)[:BEST_LINES]
+    aligned = sorted(zip(align_lines(lines, bits, x0, x1), lines, strict=True), key=lambda a: -a[0].score)[:BEST_LINES]
     if not aligned or aligned[0][0].score <= 0:
         return None
     guards = np.array(_GUARDS[n])

@@ -6,7 +6,7 @@ source, the barcode pipeline, the decode scheduler -- lives here, and the daemon
 ``CameraScanner`` supervises it. Frames stay in this process; what crosses is one JSON
 object per line (``loop`` lists them) on the file descriptor named in the config. The
 child stops when its stdin reaches end of file (the parent closed it, or died), and asks
-the kernel to SIGTERM it if the parent dies while it is stuck in native code.
+the kernel to SIGKILL it if the parent dies while it is stuck in native code.
 
 CONFIG_JSON: ``{"source", "fps", "msg_fd", "stall_s", "max_backoff_s", "start", "t0",
 "skip_unchanged", "beat_s", "log_level"}``.
@@ -54,10 +54,11 @@ def _watch_stdin(stop: threading.Event) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGTERM us when the parent dies (PR_SET_PDEATHSIG), even mid-decode."""
+    """Linux: SIGKILL us when the supervising thread's process dies (PR_SET_PDEATHSIG), even
+    mid-decode: there is nothing to clean up here, and nobody would read our scans."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: stdin EOF still stops us between frames
         pass
 

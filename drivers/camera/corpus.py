@@ -201,7 +201,7 @@ def _pyzbar_alone() -> Reader | None:
         out = []
         for d in found:
             text = d.data.decode("utf-8", "replace")
-            out.append(Decoded(str(d.type), text, _raw_gtin(text)))
+            out.append(Decoded(str(d.type), text, None))
         return out
 
     return read
@@ -214,15 +214,11 @@ def _zxing_alone() -> Reader | None:
         return None
 
     def read(gray: np.ndarray) -> list[Decoded]:
-        return [Decoded(str(r.format), r.text, _raw_gtin(r.text))
+        # compared by text, exactly as baseline.py does: no GTIN
+        return [Decoded(str(r.format), r.text, None)
                 for r in zxingcpp.read_barcodes(gray, text_mode=zxingcpp.TextMode.Plain)]
 
     return read
-
-
-def _raw_gtin(text: str) -> None:
-    """The libraries alone are compared by text, exactly as baseline.py does."""
-    return None
 
 
 def library_readers() -> dict[str, Reader]:

@@ -6,13 +6,16 @@ The same pipeline, with the same settings, serves the camera (in its child proce
 1. **Find.** zxing-cpp on the whole frame (about 5 ms per 720p frame). Only if it reads
    nothing, a cheap gradient detector proposes up to four barcode-like regions; each is
    cropped with its quiet zone, straightened, and tried with zxing-cpp, then zbar, then
-   zxing-cpp at twice the size with an unsharp mask (small, defocused QR codes).
-2. **Confirm.** Around every linear symbol found, a small upright crop is read again by the
-   views that have not read it yet: zbar at 1x, zxing-cpp and zbar at 1.5x (bicubic: edges
-   between pixels become visible; zxing-cpp's binariser sees another image). zbar only ever
-   sees small crops, so the cost stays low.
+   zxing-cpp at twice the size with an unsharp mask (small, defocused symbols).
+2. **Confirm.** Around every linear symbol found, a small crop turned level (the direction
+   measured across the bars) is read again by the views it lacks: zxing-cpp at 1.5x
+   (bicubic: edges between pixels become visible, the binariser sees another image) and at
+   2x sharpened; then, only while the place is not settled (one text, two independent
+   views), zbar at 1x and 1.5x. A big symbol is viewed coarser instead of finer. zbar
+   only ever sees small crops, so the cost stays low.
 3. **Arbitrate** (``arbiter``): a code is reported only when independent evidence agrees;
-   contested EAN/UPC places are settled by the pixel check (``bars``), or dropped.
+   the pixel check (``bars``) confirms single reads, settles contested places and vetoes
+   a misread both decoders share.
 
 Either decoder may be missing (``backends``): the pipeline then runs with the other one and
 says so in ``degraded``; without zxing-cpp, two zbar scales count as agreement.
@@ -33,8 +36,7 @@ from drivers.camera import bars
 from drivers.camera import symbology as sym
 from drivers.camera.arbiter import Arbiter, Decoded, Key, Rules, Verdict, evidence, is_linear, places
 from drivers.camera.backends import ZBAR, ZXING, Backends, DecoderUnavailable, Read, load_backends
-from drivers.camera.regions import (as_gray, barcode_regions, deskew, limit, scaled,  # noqa: F401 - re-exported
-                                    sharpened, sharpened_2x)
+from drivers.camera.regions import as_gray, barcode_regions, deskew, limit, scaled, sharpened, sharpened_2x  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,15 @@ DEFAULT_BACKEND = "combined"
 View = tuple[str, float]
 # zxing-cpp first (cheap on a crop); zbar only where that left the place unsettled.
 CONFIRM_VIEWS: tuple[View, ...] = ((ZXING, 1.5), (ZXING, 2.0), (ZBAR, 1.0), (ZBAR, 1.5))
-VIEW_MAX_SIDE = 800  # a confirmation view larger than this is a big symbol: view it coarser
-ZBAR_VIEW_MAX_SIDE = 480  # zbar's time grows with pixels; big modules survive shrinking
+VIEW_MAX_SIDE = 1280  # a confirmation view larger than this is a big symbol: view it coarser
+ZBAR_VIEW_MAX_SIDE = 1024  # zbar's time grows with pixels; big modules survive shrinking
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "BarcodePipeline", "Decoded", "Rules", "barcode_regions",
            "deskew", "sharpened_2x"]
+
+
+def _quad(r: Read) -> np.ndarray:
+    return np.asarray(r.quad, dtype=np.float32)
 
 
 def _to_frame(reads: list[Read], scale: float, inverse: np.ndarray | None = None,
@@ -58,10 +64,10 @@ def _to_frame(reads: list[Read], scale: float, inverse: np.ndarray | None = None
     """
     out = []
     for r in reads:
-        pts = np.float32(r.quad) / np.float32(scale)
+        pts: np.ndarray = np.asarray(r.quad, dtype=np.float32) / np.float32(scale)
         if inverse is not None:
-            pts = cv2.transform(pts.reshape(-1, 1, 2), inverse).reshape(-1, 2)
-        pts = pts + np.float32(offset)
+            pts = np.asarray(cv2.transform(pts.reshape(-1, 1, 2), inverse)).reshape(-1, 2)
+        pts = pts + np.asarray(offset, dtype=np.float32)
         quad = tuple((float(x), float(y)) for x, y in pts)
         out.append(r.mapped((quad[0], quad[1], quad[2], quad[3]), scale if view_scale is None else view_scale))
     return out
@@ -75,7 +81,7 @@ class BarcodePipeline:
                  deskew_regions: bool = True, region_zbar: bool = True, zbar_max_side: int = 1024,
                  second_scale: bool = True, upscale_max_side: int = 480,
                  confirm_views: Sequence[View] = CONFIRM_VIEWS, backends: Backends | None = None,
-                 crop_margin: float = 0.3, crop_band: float = 0.25) -> None:
+                 crop_margin: float = 0.2, crop_band: float = 0.15) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown barcode backend {backend!r} (one of {', '.join(BACKENDS)})")
         self.backend = backend
@@ -140,22 +146,24 @@ class BarcodePipeline:
         for place in places(reads):
             if not is_linear(place[0].symbology):
                 continue
-            got = bars.upright_crop(gray, [np.float32(r.quad) for r in place], self.crop_margin, self.crop_band)
+            got = bars.upright_crop(gray, [_quad(r) for r in place], self.crop_margin, self.crop_band)
             if got is None:
                 continue
             crop, m = got
             inverse = cv2.invertAffineTransform(m)
             seen = {r.view for r in place}
             found = list(place)
+            module = _module_px(place, m)
             for backend, s in self.confirm_views:
                 if backend == ZBAR and self._settled(found):
                     break
                 cap = ZBAR_VIEW_MAX_SIDE if backend == ZBAR else VIEW_MAX_SIDE
-                eff = view_scale(crop.shape, s, cap)
+                eff = view_scale(crop.shape, coarser(s, module), cap)
                 if (backend, round(eff, 2)) in seen:
                     continue
                 seen.add((backend, round(eff, 2)))
-                view = sharpened(crop, eff) if backend == ZXING and eff >= 2.0 else scaled(crop, eff)
+                # zxing-cpp's second view is sharpened too (a defocused symbol's edges back)
+                view = sharpened(crop, eff) if backend == ZXING and s >= 2.0 else scaled(crop, eff)
                 if backend == ZXING:
                     assert self._zx is not None
                     raw = self._zx.read(view, try_rotate=False, try_invert=False, try_downscale=False)
@@ -177,7 +185,7 @@ class BarcodePipeline:
 
     def judge(self, gray: np.ndarray, place: list[Read], keys: list[Key]) -> dict[Key, bars.PixelReading]:
         """The pixel reading of each EAN/UPC text at one place (``bars.read_pixels``)."""
-        got = bars.upright_crop(gray, [np.float32(r.quad) for r in place])
+        got = bars.upright_crop(gray, [_quad(r) for r in place])
         if got is None:
             return {}
         crop, m = got
@@ -187,8 +195,7 @@ class BarcodePipeline:
             own = [r for r in place if (r.symbology, r.text) == key]
             if not own:
                 continue
-            pts = np.concatenate([cv2.transform(np.float32(r.quad).reshape(-1, 1, 2), m).reshape(-1, 2)
-                                  for r in own])
+            pts = np.concatenate([cv2.transform(_quad(r).reshape(-1, 1, 2), m).reshape(-1, 2) for r in own])
             x0, x1 = float(pts[:, 0].min()), float(pts[:, 0].max())
             reading = bars.read_pixels(crop, key[0], key[1], x0, x1, 0.1 * h, 0.9 * h)
             if reading is not None:
@@ -231,6 +238,44 @@ class BarcodePipeline:
         return found
 
 
+_MODULES = {sym.EAN13: 95, sym.UPCA: 95, sym.EAN8: 67, sym.UPCE: 51}
+FINE_BELOW_PX = 3.0  # modules narrower than this are viewed finer (enlarged) to confirm
+
+
+def _modules(symbology: str, text: str) -> int | None:
+    """Modules across a symbol: fixed for EAN/UPC; for Code 128 about 11 per character
+    (two digits per character in code set C) plus start, check and stop."""
+    if symbology == sym.CODE128:
+        chars = (len(text) + 1) // 2 if text.isdigit() else len(text)
+        return 11 * (chars + 3) + 2
+    return _MODULES.get(symbology)
+
+
+def _module_px(place: list[Read], m: np.ndarray) -> float:
+    """The symbol's module width in frame pixels (small, i.e. "view finer", when unknown)."""
+    widths = []
+    for r in place:
+        n = _modules(r.symbology, r.text)
+        if n:
+            pts = np.asarray(cv2.transform(_quad(r)[:2].reshape(-1, 1, 2), m)).reshape(-1, 2)
+            widths.append(abs(float(pts[1, 0] - pts[0, 0])) / n)
+    return max(widths) if widths else 0.0
+
+
+def coarser(scale: float, module_px: float) -> float:
+    """A confirmation view's factor for a symbol of ``module_px``: thin modules are enlarged
+    (1.5x, 2x: edges between pixels become visible); a symbol with wide modules gains nothing
+    from that and is viewed coarser instead (1/1.5, and 1/2 from 4.5 px on): a different
+    view of it, and a cheap one."""
+    if scale <= 1.0 or module_px < FINE_BELOW_PX:
+        return scale
+    if scale >= 2.0 and module_px < 1.5 * FINE_BELOW_PX:
+        return 1.0 / 1.5
+    if scale < 2.0 and module_px < 1.5 * FINE_BELOW_PX:
+        return scale
+    return 1.0 / scale
+
+
 def view_scale(shape: tuple[int, ...], scale: float, max_side: int) -> float:
     """The scale a confirmation view is made at: ``scale`` while the view stays within
     ``max_side``; a crop too big for that is a big symbol, which gains nothing from being
@@ -239,8 +284,8 @@ def view_scale(shape: tuple[int, ...], scale: float, max_side: int) -> float:
     eff = min(scale, max_side / side)
     if eff < 1.1 and scale > 1.0:
         eff = min(1.0 / scale, max_side / side)
-    elif scale == 1.0:
-        eff = min(1.0, max_side / side)
+    elif scale <= 1.0:
+        eff = min(scale, max_side / side)
     return eff
 
 

@@ -111,7 +111,9 @@ class CameraLoop:
         if self.pipeline is not None:  # first use loads and allocates: not on a shopper's frame
             self.pipeline.decode(np.zeros((32, 32), np.uint8))
         degraded = self._pipeline_error or (self.pipeline.degraded if self.pipeline else None)
-        self._send("hello", decoders=self.pipeline.backends.names if self.pipeline else [], degraded=degraded)
+        names = self.pipeline.backends.names if self.pipeline else []
+        missing = [n for n in ("zxing", "zbar") if n not in names]
+        self._send("hello", decoders=names, missing=missing, degraded=degraded)
         try:
             self._loop()
         finally:
@@ -189,7 +191,7 @@ class CameraLoop:
         self.frames += 1
         self._position = src.position
         at = src.frame_time if src.frame_time is not None else now
-        if self.pipeline is not None and self.scheduler.offer(frame, at):
+        if self.pipeline is not None and self.scheduler.offer(frame, at, budget=src.live):
             self._decode(frame, src)
         self._last = None if not self.scheduler.stale else (frame, at)
         if self._cached and not self.scheduler.stale:

@@ -37,7 +37,8 @@ def barcode_regions(gray: np.ndarray, max_regions: int = 4, threshold: int = 40)
     return boxes
 
 
-def deskew(crop: np.ndarray, min_angle: float = 4.0, min_coherence: float = 0.3) -> tuple[np.ndarray, np.ndarray] | None:
+def deskew(crop: np.ndarray, min_angle: float = 4.0, min_coherence: float = 0.3
+           ) -> tuple[np.ndarray, np.ndarray] | None:
     """Rotate ``crop`` so its dominant edges are vertical (bars upright).
 
     Returns (rotated image, 2x3 affine mapping rotated -> crop coordinates), or None when
@@ -74,7 +75,7 @@ def sharpened(img: np.ndarray, factor: float = 2.0) -> np.ndarray:
     merges modules below zxing's binarizer; enlarged and sharpened, they separate again.
     """
     big = scaled(img, factor)
-    return cv2.addWeighted(big, 2.0, cv2.GaussianBlur(big, (0, 0), 1.5 * factor), -1.0, 0)
+    return cv2.addWeighted(big, 2.0, cv2.GaussianBlur(big, (0, 0), max(1.5, 1.5 * factor)), -1.0, 0)
 
 
 def sharpened_2x(img: np.ndarray) -> np.ndarray:

@@ -61,6 +61,15 @@ class Scan:
     at_monotonic: float
 
 
+def _site_dirs() -> set[str]:
+    """Where installed packages live (the child finds an installed ``drivers`` there itself)."""
+    import site
+
+    dirs = set(getattr(site, "getsitepackages", lambda: [])())
+    dirs.add(site.getusersitepackages() if hasattr(site, "getusersitepackages") else "")
+    return {str(Path(d).resolve()) for d in dirs if d}
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "did not exit"
@@ -116,6 +125,7 @@ class CameraScanner:
         self._base = {"frames": 0, "decoded": 0, "opens": 0}  # counters of processes gone
         self._live = {"frames": 0, "decoded": 0, "opens": 0}  # counters of the running one
         self._degraded: str | None = None
+        self.missing_decoders: list[str] = []  # "zbar", "zxing": decoders the camera runs without
         self.faulted = False
         self.idle = False  # a file/glob source played to its end
         self.restarts = 0
@@ -189,7 +199,8 @@ class CameraScanner:
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         r, w = os.pipe()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        if _PACKAGE_ROOT not in _site_dirs():  # a source checkout: make ``drivers`` importable there
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
             proc = subprocess.Popen([sys.executable, "-m", "drivers.camera.child", self._config(w)],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(w,), env=env,
@@ -322,6 +333,7 @@ class CameraScanner:
             self._position = int(msg["i"])
 
     def _hello(self, msg: Message) -> None:
+        self.missing_decoders = [str(n) for n in msg.get("missing", [])]
         degraded = msg.get("degraded")
         if degraded and degraded != self._degraded:
             log.warning("camera decoders degraded: %s", degraded)

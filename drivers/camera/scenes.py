@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from drivers.camera import synth
-from drivers.camera.capture import FrameSource, SourceError
+from drivers.camera.source import FrameSource, SourceError
 
 LOOP_FRAMES = 40
 NOISE_SIGMA = 6.0
@@ -54,7 +54,7 @@ def moving_frames(size: tuple[int, int], seed: int, spec: synth.CodeSpec, n: int
     w, h = size
     rng = np.random.default_rng(seed)
     scene = synth.background(size, np.random.default_rng(seed))
-    label = synth.render_symbol(spec).astype(np.float32)
+    label: np.ndarray = synth.render_symbol(spec).astype(np.float32)
     scale = 3.0 / synth.RENDER_MODULE_PX
     label = cv2.resize(label, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     label = 25.0 + (label / 255.0) * 210.0

@@ -14,8 +14,9 @@ and never while the decode budget is spent: while the scene moves, decoding may 
 ``duty`` of the time (a decode that took ``d`` seconds is followed by ``d * (1 / duty - 1)``
 without one); a scene at rest may use up to ``rest_duty`` (it is a product held up now,
 and resting scenes are rare: each costs at most 1 + ``settle_frames`` decodes).
-The times are the frames' times: wall time for a camera, the due time of each frame for a
-glob played late (its frames then pass as if on time).
+The budget binds live cameras (a file or glob played for a test or the demo has every
+scene judged). The times are the frames' times: wall time for a camera, the due time of
+each frame for a glob played late (its frames then pass as if on time).
 Frames arriving meanwhile are skipped, not queued. "Changed" is judged on an area-averaged
 thumbnail (160 px wide at 720p), which averages sensor noise away. Pure apart from the remembered
 thumbnails: the caller passes the time, so tests use a fake clock.
@@ -73,8 +74,11 @@ class DecodeScheduler:
         self._last_cost = 0.0
         self.skipped_busy = 0  # frames not decoded because the budget was spent
 
-    def offer(self, gray: np.ndarray, now: float) -> bool:
-        """True if this frame should be decoded now (then call ``done`` after decoding)."""
+    def offer(self, gray: np.ndarray, now: float, budget: bool = True) -> bool:
+        """True if this frame should be decoded now (then call ``done`` after decoding).
+
+        ``budget=False``: no duty cycle (a file or glob played for a test or a demo, whose
+        every frame is to be judged; the budget protects a live camera's CPU)."""
         if not self.enabled:
             return True
         thumb = thumbnail(gray)
@@ -90,7 +94,7 @@ class DecodeScheduler:
         if not want:
             return False
         duty = self.duty if moving else self.rest_duty
-        if now < self._last_start + self._last_cost / duty:
+        if budget and now < self._last_start + self._last_cost / duty:
             self.skipped_busy += 1
             return False
         self._decoded = thumb

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from drivers.gs1 import product_gtin, with_check_digit
 from drivers.camera import symbology as sym
+from drivers.gs1 import product_gtin, with_check_digit
 
 RENDER_MODULE_PX = 4  # encoders render at 4 px per module; the frame warp scales from there
 KINDS: tuple[str, ...] = (
@@ -181,8 +181,8 @@ def _finish(img: np.ndarray, d: Degradation, rng: np.random.Generator) -> np.nda
     if d.jpeg_quality is not None:
         ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(d.jpeg_quality)])
         if ok:
-            out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
-    return out
+            out = np.asarray(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), dtype=np.uint8)
+    return np.asarray(out)
 
 
 def compose(spec: CodeSpec, d: Degradation = Degradation(), size: tuple[int, int] = (1280, 720),
@@ -191,7 +191,7 @@ def compose(spec: CodeSpec, d: Degradation = Degradation(), size: tuple[int, int
     rng = np.random.default_rng(seed)
     w, h = size
     frame = background(size, rng)
-    label = render_symbol(spec).astype(np.float32)
+    label: np.ndarray = render_symbol(spec).astype(np.float32)
     scale = d.module_px / RENDER_MODULE_PX
     lh, lw = label.shape
     # Fit the label into the frame with a margin; shrink the module size if it cannot.
@@ -207,16 +207,16 @@ def compose(spec: CodeSpec, d: Degradation = Degradation(), size: tuple[int, int
     mean = float(frame.mean())
     c = float(np.clip(d.contrast, 0.05, 1.0))
     label = mean + (label - mean) * c
-    src = np.float32([[0, 0], [lw, 0], [lw, lh], [0, lh]])
-    jitter = rng.uniform(-d.perspective, d.perspective, (4, 2)) * np.float32([lw, lh])
-    corners = (src - [lw / 2, lh / 2] + jitter) * scale
+    src = np.asarray([[0, 0], [lw, 0], [lw, lh], [0, lh]], dtype=np.float32)
+    jitter = rng.uniform(-d.perspective, d.perspective, (4, 2)) * np.asarray([lw, lh], dtype=np.float32)
+    corners = (src - np.asarray([lw / 2, lh / 2]) + jitter) * scale
     a = np.deg2rad(d.rotation_deg * (1 if rng.random() < 0.5 else -1))
-    rot = np.float32([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    rot = np.asarray([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], dtype=np.float32)
     corners = corners @ rot.T
     span = corners.max(axis=0) - corners.min(axis=0)
-    room = np.maximum(np.float32([w, h]) - span, 1)
+    room = np.maximum(np.asarray([w, h], dtype=np.float32) - span, 1)
     centre = corners.min(axis=0) * -1 + rng.uniform(0, 1, 2) * room
-    dst = np.float32(corners + centre)
+    dst = np.asarray(corners + centre, dtype=np.float32)
     m = cv2.getPerspectiveTransform(src, dst)
     warped = cv2.warpPerspective(label, m, (w, h), flags=cv2.INTER_LINEAR)
     mask = cv2.warpPerspective(np.ones_like(label), m, (w, h), flags=cv2.INTER_LINEAR)

@@ -19,10 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.sim.broker import BrokerError, PrivateBroker
 from agent.errors import SignatureError
 from agent.platform.refplatform import ChainError, ReferencePlatform, record_hash
 from agent.protocol import canonical, load_public_key, parse_ts, verify_signed
+from agent.sim.broker import BrokerError, PrivateBroker
 
 CAB = "CAB-0001"
 ZEROS = "0" * 64
@@ -44,7 +44,8 @@ def make_chain(n: int) -> list[dict[str, Any]]:
     prev = ZEROS
     for seq in range(1, n + 1):
         if seq % 2:
-            body: dict[str, Any] = {"sale_id": f"sale-{seq}", "items": [{"lane": "A1", "qty": 1}], "total_cents": 1590, "flags": []}
+            body: dict[str, Any] = {"sale_id": f"sale-{seq}", "items": [{"lane": "A1", "qty": 1}],
+                                    "total_cents": 1590, "flags": []}
             rtype = "sale"
         else:
             body = {"kind": "door_forced", "door": seq}
@@ -141,7 +142,8 @@ def test_broker_on_a_taken_port_fails_clearly(broker: PrivateBroker) -> None:
     mqtt_roundtrip(broker)  # the first one is unharmed
 
 
-def test_restart_keeps_port_and_platform_reconnects(broker: PrivateBroker, refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_restart_keeps_port_and_platform_reconnects(broker: PrivateBroker, refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     port, pid = broker.port, broker.pid
     broker.restart()
@@ -156,7 +158,8 @@ def test_restart_keeps_port_and_platform_reconnects(broker: PrivateBroker, refpl
 # -- records: chain verification and acks ------------------------------------------------
 
 
-def test_valid_chain_is_stored_and_acked(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_valid_chain_is_stored_and_acked(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     agent = peer("agent")
     agent.subscribe(platform.ack_topic)
@@ -174,7 +177,8 @@ def test_valid_chain_is_stored_and_acked(refplatform: RefPlatformFactory, peer: 
     assert platform.events("agent_started") == []
 
 
-def test_broken_hash_is_a_chain_error_and_not_acked(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_broken_hash_is_a_chain_error_and_not_acked(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     agent = peer("agent")
     agent.subscribe(platform.ack_topic)
@@ -189,7 +193,8 @@ def test_broken_hash_is_a_chain_error_and_not_acked(refplatform: RefPlatformFact
     assert agent.next_json() == (platform.ack_topic, {"upto": 1})
 
 
-def test_broken_prev_link_is_a_chain_error(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_broken_prev_link_is_a_chain_error(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     records = make_chain(3)
     records[1]["prev"] = "f" * 64
@@ -204,7 +209,8 @@ def test_broken_prev_link_is_a_chain_error(refplatform: RefPlatformFactory, peer
     assert platform.contiguous_upto == 1
 
 
-def test_first_record_must_point_at_zeros(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_first_record_must_point_at_zeros(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     rec = make_chain(1)[0]
     rec["prev"] = "1" * 64
@@ -215,7 +221,8 @@ def test_first_record_must_point_at_zeros(refplatform: RefPlatformFactory, peer:
     assert platform.records == {}
 
 
-def test_duplicates_are_counted_and_reacked_conflicts_are_errors(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_duplicates_are_counted_and_reacked_conflicts_are_errors(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     agent = peer("agent")
     agent.subscribe(platform.ack_topic)
@@ -238,7 +245,8 @@ def test_duplicates_are_counted_and_reacked_conflicts_are_errors(refplatform: Re
     assert platform.records[3] == records[2]
 
 
-def test_out_of_order_batches_ack_only_contiguous(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_out_of_order_batches_ack_only_contiguous(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     agent = peer("agent")
     agent.subscribe(platform.ack_topic)
@@ -253,7 +261,8 @@ def test_out_of_order_batches_ack_only_contiguous(refplatform: RefPlatformFactor
     assert platform.chain_errors == []
 
 
-def test_malformed_messages_are_counted_and_the_platform_keeps_working(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_malformed_messages_are_counted_and_the_platform_keeps_working(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     agent = peer("agent")
     bad = [
@@ -275,7 +284,8 @@ def test_malformed_messages_are_counted_and_the_platform_keeps_working(refplatfo
     assert platform.chain_errors == []
 
 
-def test_non_consecutive_batch_breaks_the_batch_rule(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_non_consecutive_batch_breaks_the_batch_rule(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     records = make_chain(3)
     peer("agent").publish(platform.records_topic, batch([records[0], records[2], records[1]]))
@@ -284,7 +294,8 @@ def test_non_consecutive_batch_breaks_the_batch_rule(refplatform: RefPlatformFac
     assert "consecutive" in platform.error_messages[0]
 
 
-def test_manual_ack_withholds_then_acks(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_manual_ack_withholds_then_acks(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB, auto_ack=False)
     agent = peer("agent")
     agent.subscribe(platform.ack_topic)
@@ -329,7 +340,8 @@ def test_record_hash_agrees_with_wire_canonical_on_awkward_values() -> None:
     assert record_hash(rec) == hashlib.sha256(canonical(core)).hexdigest() == spec_hash(rec)
 
 
-def test_platform_accepts_the_byte_exact_example(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_platform_accepts_the_byte_exact_example(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     payload = (
         '{"cabinet":"CAB-0001","records":[{"seq":1,"type":"event","at":"2026-11-29T08:15:02.123Z",'
@@ -344,7 +356,8 @@ def test_platform_accepts_the_byte_exact_example(refplatform: RefPlatformFactory
 # -- commands -----------------------------------------------------------------------------
 
 
-def test_signed_command_verifies_and_tampering_does_not(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_signed_command_verifies_and_tampering_does_not(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     key = load_public_key(platform.public_key_b64)
     args = {"door": 1, "session_id": "5f0c6c1e-8d1a-4b8e-9a57-3c1d2b7e4a10", "shopper": "s-1", "auth": "qr"}
@@ -370,7 +383,8 @@ def test_signed_command_verifies_and_tampering_does_not(refplatform: RefPlatform
     verify_signed(received, key)
 
 
-def test_wait_reply_returns_the_agents_replies(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_wait_reply_returns_the_agents_replies(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     agent = peer("agent")
     agent.subscribe(platform.cmd_topic)
@@ -392,10 +406,12 @@ def test_wait_reply_returns_the_agents_replies(refplatform: RefPlatformFactory, 
 # -- catalog and status ---------------------------------------------------------------------
 
 
-def test_retained_catalog_reaches_a_late_subscriber_until_cleared(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_retained_catalog_reaches_a_late_subscriber_until_cleared(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     product = {"gtin": "06901234567892", "name": "Dried shiitake 250 g", "cert_id": "PA-2026-000123",
-               "valid_from": "2026-01-01", "valid_until": "2027-12-31", "unit_weight_g": 250.0, "weight_tolerance_g": 6.0}
+               "valid_from": "2026-01-01", "valid_until": "2027-12-31", "unit_weight_g": 250.0,
+               "weight_tolerance_g": 6.0}
     doc = platform.make_catalog(42, [product], revoked=["06900000000014"])
     platform.publish_catalog(doc)
 
@@ -414,7 +430,8 @@ def test_retained_catalog_reaches_a_late_subscriber_until_cleared(refplatform: R
     assert later.next_json() == ("cab/v1/catalog", {"marker": 1})
 
 
-def test_status_is_tracked(refplatform: RefPlatformFactory, peer: Callable[[str], RawPeer]) -> None:
+def test_status_is_tracked(refplatform: RefPlatformFactory,
+        peer: Callable[[str], RawPeer]) -> None:
     platform = refplatform(CAB)
     agent = peer("agent")
     agent.publish(platform.status_topic, json.dumps({"online": True, "cabinet": CAB, "last_seq": 0}).encode())

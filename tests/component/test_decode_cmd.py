@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -93,3 +95,31 @@ def test_control_characters_are_escaped_in_tsv_only(tmp_path: Path) -> None:
     assert (rc, out) == (0, f"{path}\tQR\tline one\\nline\\ttwo\t\n")
     rc, out, _ = _run([str(path)], as_json=True)
     assert json.loads(out)["text"] == text
+
+
+# -- optional decoders (issue 10): the command degrades, never a traceback ------------------------
+
+def _decode_hiding(tmp_path: Path, paths: list[str], *hidden: str) -> subprocess.CompletedProcess[str]:
+    from camera_support import env_hiding
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "agent.cli.decode", *paths], capture_output=True, text=True,
+                          env=env_hiding(tmp_path / "shim", *hidden), cwd=root, timeout=120)
+
+
+def test_without_zbar_decode_reads_with_zxing_and_warns_once(tmp_path: Path, images) -> None:
+    path, spec = images["ean13"]
+    done = _decode_hiding(tmp_path, [path, images["missing"][0]], "zbar")
+    assert done.returncode == 2  # the missing file, as ever
+    assert done.stdout == f"{path}\t{spec.symbology}\t{spec.text}\t{spec.gtin}\n"
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and "Traceback" not in done.stderr
+    assert lines[0].startswith("cabinet-agent decode: warning: zbar unavailable: ImportError")
+    assert "zxing only" in lines[0] and images["missing"][0] in lines[1]
+
+
+def test_without_any_decoder_decode_says_so_in_one_line_and_exits_2(tmp_path: Path, images) -> None:
+    done = _decode_hiding(tmp_path, [images["ean13"][0]], "zbar", "zxing")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("cabinet-agent decode: no barcode decoder available: ")

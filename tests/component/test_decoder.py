@@ -39,7 +39,7 @@ def _hit(s: synth.Sample, got: list[Decoded]) -> bool:
 
 def test_every_degradation_meets_its_minimum_rate(samples, decoded) -> None:
     hits, totals = Counter(), Counter()
-    for s, got in zip(samples, decoded):
+    for s, got in zip(samples, decoded, strict=True):
         totals[s.degradation] += 1
         hits[s.degradation] += _hit(s, got)
     assert set(totals) == set(synth.PRESETS)
@@ -50,7 +50,7 @@ def test_every_degradation_meets_its_minimum_rate(samples, decoded) -> None:
 
 def test_every_symbology_meets_its_minimum_rate(samples, decoded) -> None:
     hits, totals = Counter(), Counter()
-    for s, got in zip(samples, decoded):
+    for s, got in zip(samples, decoded, strict=True):
         totals[s.spec.kind] += 1
         hits[s.spec.kind] += _hit(s, got)
     assert set(totals) == set(synth.KINDS)
@@ -60,7 +60,7 @@ def test_every_symbology_meets_its_minimum_rate(samples, decoded) -> None:
 
 
 def test_no_misreads_on_code_frames(samples, decoded) -> None:
-    wrong = [(s.name, d) for s, got in zip(samples, decoded) for d in got
+    wrong = [(s.name, d) for s, got in zip(samples, decoded, strict=True) for d in got
              if d != Decoded(s.spec.symbology, s.spec.text, s.spec.gtin)]
     assert wrong == []
 
@@ -73,7 +73,8 @@ def test_nothing_read_from_empty_noisy_frames() -> None:
 
 def test_combined_reads_more_than_either_decoder_alone(samples, decoded) -> None:
     """The reason for the combined default: zbar and zxing-cpp fail on different frames."""
-    subset = [(s, got) for s, got in zip(samples, decoded) if s.degradation in ("blur", "low_contrast", "rotation")]
+    subset = [(s, got) for s, got in zip(samples, decoded, strict=True)
+              if s.degradation in ("blur", "low_contrast", "rotation")]
     combined = sum(_hit(s, got) for s, got in subset)
     alone = {b: sum(_hit(s, BarcodePipeline(b).decode(s.image)) for s, _ in subset) for b in ("pyzbar", "zxing")}
     assert combined > max(alone.values()), (combined, alone)

@@ -16,7 +16,8 @@ import pytest
 from agent import protocol
 from agent.platform import intake, report
 from agent.platform.chain import Batch, hash_and_body, parse_batch
-from agent.platform.store import StatusUpdate, Store, open_store
+from agent.platform.dsn import open_store
+from agent.platform.store import StatusUpdate, Store
 from agent.store.ledger import Ledger
 from platform_helpers import db_dsn, ledger_batch, make_ledger, pg_dsn  # noqa: F401
 

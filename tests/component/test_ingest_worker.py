@@ -16,9 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
 from agent.platform import report
-from agent.platform.brokers import BrokerUrl
-from agent.platform.ingest import IngestWorker
-from agent.platform.store import open_store
+from agent.platform.ingest import BackgroundIngest
 from agent.sim.broker import PrivateBroker
 from platform_helpers import ledger_batch, make_ledger
 
@@ -75,30 +73,12 @@ def cabinets(broker: PrivateBroker) -> Iterator[FakeCabinets]:
         fake.close()
 
 
-class Running:
-    """An in-process worker on its own thread."""
-
-    def __init__(self, broker: PrivateBroker, dsn: str, **kw: Any) -> None:
-        self.store = open_store(dsn)
-        self.worker = IngestWorker([BrokerUrl.parse(broker.url)], self.store, **kw)
-        self.worker.start()
-        assert self.worker.wait_subscribed(10)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.worker.request_stop()
-        self.thread.join(15)
-        assert not self.thread.is_alive()
-        self.store.close()
-
-
 @pytest.fixture
 def workers(broker: PrivateBroker, tmp_path: Path) -> Iterator[Any]:
-    made: list[Running] = []
+    made: list[BackgroundIngest] = []
 
-    def make(**kw: Any) -> Running:
-        w = Running(broker, f"sqlite:///{tmp_path}/ingest.db", **kw)
+    def make(**kw: Any) -> BackgroundIngest:
+        w = BackgroundIngest([broker.url], f"sqlite:///{tmp_path}/ingest.db", **kw).__enter__()
         made.append(w)
         return w
 
@@ -106,7 +86,7 @@ def workers(broker: PrivateBroker, tmp_path: Path) -> Iterator[Any]:
         yield make
     finally:
         for w in made:
-            w.stop()
+            w.close()
 
 
 def test_records_are_acked_after_they_are_stored(workers: Any, cabinets: FakeCabinets, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ as a spool file, and it is acknowledged once installed or rejected (mqtt.md v1.1
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import queue
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ from agent.sim.tcpproxy import TcpProxy
 from agent.store import catalog as catalog_module
 from agent.store.catalog import CatalogStore
 from drivers.gs1 import with_check_digit
-from linkkit import CMD, RECORDS, SNAPSHOT, LinkRig, Peer, platform_config
+from helpers import wait_until
+from linkkit import CMD, DELTA, RECORDS, SNAPSHOT, LinkRig, Peer, platform_config
 
 pytestmark = pytest.mark.timeout(60)
 ISSUED = "2026-11-29T08:00:00.000Z"
@@ -104,7 +106,7 @@ def test_a_forged_document_is_rejected_before_a_row_is_staged(store: CatalogStor
         w.worker.stop()
 
 
-def test_at_most_one_document_waits_per_topic_the_newest(store: CatalogStore, key: Ed25519PrivateKey) -> None:
+def test_at_most_one_snapshot_waits_the_newest(store: CatalogStore, key: Ed25519PrivateKey) -> None:
     finished: list[str] = []
     w = Worker(store)
     try:
@@ -120,6 +122,24 @@ def test_at_most_one_document_waits_per_topic_the_newest(store: CatalogStore, ke
         assert versions[-1] == 3 and 2 not in versions
         assert store.version == 3
         assert set(finished) == {"v1", "v2", "v3"}
+    finally:
+        w.worker.stop()
+
+
+def test_deltas_wait_in_order_up_to_a_bound(store: CatalogStore) -> None:
+    """A burst of deltas (queued in the session while offline) is not collapsed to the last one."""
+    finished: list[int] = []
+    w = Worker(store)
+    try:
+        with w.worker._lock:
+            for n in range(6):
+                done = functools.partial(finished.append, n)
+                w.worker.submit(Document.from_bytes(DELTA, b"not json %d" % n, release=done))
+            assert w.worker.waiting == 4
+            assert 1 in finished and not {2, 3, 4, 5} & set(finished)  # only the oldest were superseded
+        judged = [w.outcome() for _ in range(4)]
+        assert all(o.error is not None and o.error.reason == "invalid" for o in judged)
+        assert finished[-4:] == [2, 3, 4, 5]  # installed (here: rejected) in the order they came
     finally:
         w.worker.stop()
 
@@ -149,6 +169,7 @@ def test_a_snapshot_over_mqtt_is_installed_from_its_spool_and_acknowledged(
             assert installed.result is not None and installed.result.products == 12_000
             assert sum(staged) == 12_000  # only the genuine one was staged
             assert handed == [False, False]  # both came as spool files
+            wait_until(lambda: rig.link.held == 0, 10, "both acknowledged by the worker")
             peer.subscribe(RECORDS)
             assert rig.link.publish(RECORDS, b"barrier") is not None  # after the two PUBACKs
             peer.message(RECORDS)

@@ -5,6 +5,7 @@ credentials; and a TLS link that holds under traffic from several threads."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import subprocess
@@ -199,6 +200,10 @@ def test_a_password_without_tls_is_warned_about(caplog: pytest.LogCaptureFixture
     assert any("plaintext" in r.message for r in caplog.records)
 
 
+def _received_all(rig: LinkRig, n: int) -> bool:
+    return len(rig.inbounds(CMD)) >= n
+
+
 def _publish_until(rig: LinkRig, stop: threading.Event, sent: list[int], n: int) -> None:
     """What the core does: hand records to the link from its own thread, as fast as it likes."""
     while not stop.is_set():
@@ -232,7 +237,7 @@ def test_a_tls_link_holds_under_traffic_and_across_restarts(tls_broker: PrivateB
             stop.set()
             for w in workers:
                 w.join()
-            wait_until(lambda rig=rig, n=n_cmds: len(rig.inbounds(CMD)) >= n, 10, "every command")
+            wait_until(functools.partial(_received_all, rig, n_cmds), 10, "every command")
             rig.stop()
             assert not any(isinstance(m, LinkDown) for m in rig.seen[:-1]), f"cycle {cycle}: the link dropped"
             assert rig.link.stats.connects == 1 and sum(isinstance(m, LinkUp) for m in rig.seen) == 1

@@ -12,10 +12,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from drivers.gs1 import with_check_digit
 from agent.sim.cabinet import DEMO_PRODUCTS, SimulatedCabinet, Timings
 from drivers.camera import symbology as sym
 from drivers.camera.synth import CodeSpec, Degradation, compose, empty_frame
+from drivers.gs1 import with_check_digit
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,8 +81,8 @@ def test_restock_without_code_waits_for_a_camera_scan(tmp_path: Path) -> None:
         cab.start(assign_lanes=False)
         assert cab.platform is not None
         assert cab.ctl("service", "on").returncode == 0
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli.cabinetctl", "--config", str(cab.config_path), "restock", "B1",
-                                 "--qty", "3", "--price", "2600", "--wait", "20"],
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli.cabinetctl", "--config", str(cab.config_path),
+                                 "restock", "B1", "--qty", "3", "--price", "2600", "--wait", "20"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
@@ -128,3 +128,95 @@ def test_codes_scanned_during_a_session_cross_check_the_sale(tmp_path: Path) -> 
         assert sale["body"]["flags"] == ["scan_mismatch"]
     finally:
         cab.stop()
+
+
+# -- issue 10: the decoders run in a child process; a missing one degrades the camera --------------
+
+def _camera_child(cab: SimulatedCabinet, timeout: float = 30.0) -> int:
+    """The pid of the daemon's camera process (``python -m drivers.camera.child``)."""
+    import psutil
+
+    from helpers import wait_until
+
+    assert cab.agent is not None
+    daemon = psutil.Process(cab.agent.pid)
+
+    def find() -> int | None:
+        for child in daemon.children():
+            try:
+                if "drivers.camera.child" in child.cmdline():
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+        return None
+
+    pid: int = wait_until(find, timeout, "the camera process")
+    return pid
+
+
+def test_a_decoder_crash_is_a_camera_fault_and_the_next_sale_is_right(tmp_path: Path) -> None:
+    """Acceptance 2: SIGSEGV in the camera process while the camera runs; the daemon stays
+    up, records camera_fault then hardware_recovered, and a sale right after is correct."""
+    import os
+    import signal
+
+    frames = tmp_path / "frames"
+    _write(frames, [empty_frame((320, 240), seed=i % 5) for i in range(900)])  # 90 s of an empty shelf
+    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-SEGV", timings=Timings.fast(),
+                           camera_source=str(frames / "*.png"))
+    try:
+        cab.start()
+        assert cab.platform is not None and cab.agent is not None
+        first = _camera_child(cab)
+        os.kill(first, signal.SIGSEGV)
+        cab.platform.wait_for(lambda: bool(cab.platform.events("camera_fault")), 30, "camera_fault")
+        cab.platform.wait_for(
+            lambda: any(e.get("device") == "camera" for e in cab.platform.events("hardware_recovered")),
+            30, "hardware_recovered of the camera")
+        kinds = [e["kind"] for e in cab.platform.events() if e["kind"] in ("camera_fault", "hardware_recovered")]
+        assert kinds == ["camera_fault", "hardware_recovered"]
+        assert "SIGSEGV" in cab.platform.events("camera_fault")[0]["detail"]
+        assert cab.agent.poll() is None  # the daemon never noticed more than a fault
+        assert _camera_child(cab) != first
+        sid = cab.shop(1, {"A1": 2})
+        sale = cab.wait_session_end(sid)
+        assert sale["type"] == "sale"
+        assert [(i["lane"], i["qty"], i["flags"]) for i in sale["body"]["items"]] == [("A1", 2, [])]
+        assert sale["body"]["flags"] == []
+    finally:
+        cab.stop()
+
+
+def test_without_libzbar_the_daemon_sells_and_reads_ean13_with_zxing(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acceptance 3: pyzbar cannot be imported (as without libzbar): the camera runs with
+    zxing-cpp alone, says so in the log, reads an EAN-13; the daemon sells."""
+    from camera_support import hiding
+
+    monkeypatch.setenv("PYTHONPATH", hiding(tmp_path / "shim", "zbar"))
+    frames = tmp_path / "frames"
+    uncertified = _ean13("697000000017")
+    sequence = [empty_frame((640, 480), seed=i) for i in range(20)]
+    sequence += [compose(uncertified, Degradation(module_px=3), (640, 480), seed=i) for i in range(10)]
+    sequence += [empty_frame((640, 480), seed=i) for i in range(10)]
+    _write(frames, sequence)
+    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id="CAB-NOZBAR", timings=Timings.fast(),
+                           camera_source=str(frames / "*.png"))
+    try:
+        cab.start()
+        assert cab.platform is not None
+        cab.platform.wait_for(lambda: bool(cab.platform.events("uncertified_scan")), 30, "the EAN-13 read")
+        assert cab.platform.events("uncertified_scan")[0] == {
+            "kind": "uncertified_scan", "code": uncertified.text, "gtin": uncertified.gtin, "symbology": "EAN-13",
+            "context": "idle", "reason": "unknown"}
+        sid = cab.shop(1, {"A1": 1})
+        sale = cab.wait_session_end(sid)
+        assert [(i["lane"], i["qty"]) for i in sale["body"]["items"]] == [("A1", 1)]
+        assert "camera_fault" not in [e["kind"] for e in cab.platform.events()]
+        # operations.md: a missing optional part raises an alarm
+        cab.platform.wait_for(lambda: "decoder_missing:zbar" in (cab.platform.status or {}).get("alarms", []), 15,
+                              "the decoder_missing:zbar alarm")
+    finally:
+        cab.stop()
+    log = cab.agent_log.read_text(errors="replace")
+    assert "zbar unavailable: ImportError" in log

@@ -50,7 +50,7 @@ class Shopper:
             self.cab.lockboard.open_door(lock)
 
 
-def make_cabinet(workdir: Path, *, persistence: bool, config_extra: dict[str, Any] | None = None,
+def build_cabinet(workdir: Path, *, persistence: bool, config_extra: dict[str, Any] | None = None,
                  monkeypatch: pytest.MonkeyPatch) -> SimulatedCabinet:
     real_broker = cabinet_module.PrivateBroker
     if persistence:
@@ -148,12 +148,14 @@ def shop_once_more(cab: SimulatedCabinet) -> None:
 # -- broker down while sessions go on ------------------------------------------------------------------------
 
 
+# "kill" with persistence: Mosquitto saves only on a clean stop (or every autosave_interval, 30 min), so a
+# killed broker comes back with what it saved last, here nothing: sessions, subscriptions, retained status.
 @pytest.mark.parametrize(("how", "persistence"), [("stop", True), ("stop", False), ("kill", True), ("kill", False)],
                          ids=["stopped-persistent", "stopped-no-persistence", "killed-persistent",
                               "killed-no-persistence"])
 def test_broker_outage_during_sessions_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str,
                                                      persistence: bool) -> None:
-    cab = make_cabinet(tmp_path, persistence=persistence, monkeypatch=monkeypatch)
+    cab = build_cabinet(tmp_path, persistence=persistence, monkeypatch=monkeypatch)
     try:
         cab.start()
         assert cab.broker is not None and cab.platform is not None and cab.lockboard is not None
@@ -201,7 +203,7 @@ def test_command_queued_for_a_dead_agent_survives_a_broker_restart_with_persiste
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The platform's open_door waits in the agent's persistent session while the agent is down; the broker
     restarts in between (persistence on): the command is served once the agent is back."""
-    cab = make_cabinet(tmp_path, persistence=True, monkeypatch=monkeypatch)
+    cab = build_cabinet(tmp_path, persistence=True, monkeypatch=monkeypatch)
     try:
         cab.start()
         assert cab.broker is not None and cab.platform is not None and cab.lockboard is not None

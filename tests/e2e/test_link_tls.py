@@ -41,7 +41,8 @@ def cabinet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulat
         return b
 
     monkeypatch.setattr(cabinet_module, "PrivateBroker", broker)
-    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id=CAB, timings=Timings.fast(), config_extra={"platform": platform})
+    cab = SimulatedCabinet(tmp_path / "cab", cabinet_id=CAB, timings=Timings.fast(),
+                           config_extra={"platform": platform})
     try:
         cab.start()
         yield cab

@@ -22,7 +22,8 @@ def _nats(log_dir: Path | None = None, **_: Any) -> PrivateNats:
 
 
 @pytest.fixture(params=["mosquitto/5", "mosquitto/3.1.1", "nats/3.1.1"])
-def cabinet(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimulatedCabinet]:
+def cabinet(request: pytest.FixtureRequest, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[SimulatedCabinet]:
     broker, version = request.param.split("/")
     if broker == "nats":
         monkeypatch.setattr(cabinet_module, "PrivateBroker", _nats)  # the harness makes its own broker

@@ -27,7 +27,7 @@ import pytest
 
 from agent import protocol
 from agent.platform import fleet, keys, report
-from agent.platform.store import open_store
+from agent.platform.dsn import open_store
 from agent.sim.broker import PrivateBroker
 from helpers import wait_until
 from platform_helpers import db_dsn, ledger_batch, make_ledger, pg_dsn  # noqa: F401

@@ -96,8 +96,8 @@ def test_upright_crop_turns_a_rotated_symbol_level() -> None:
     m = cv2.getRotationMatrix2D((frame.shape[1] / 2, frame.shape[0] / 2), 20, 1.0)
     turned = cv2.warpAffine(frame, m, (frame.shape[1], frame.shape[0]), borderValue=255)
     x0, x1 = extent(img)
-    quad = np.float32([[x0 + 200, 300], [x1 + 200, 300], [x1 + 200, 340], [x0 + 200, 340]])
-    quad = cv2.transform(quad.reshape(-1, 1, 2), m).reshape(-1, 2)
+    quad = np.asarray([[x0 + 200, 300], [x1 + 200, 300], [x1 + 200, 340], [x0 + 200, 340]], dtype=np.float32)
+    quad = np.asarray(cv2.transform(quad.reshape(-1, 1, 2), m)).reshape(-1, 2)
     got = bars.upright_crop(turned, [quad])
     assert got is not None
     crop, fm = got

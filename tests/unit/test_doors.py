@@ -478,3 +478,15 @@ def test_service_unlock_survives_ticks_between_polls() -> None:
     assert m.service_allowed
     assert step(m, 3.0, False) == []          # shut again: the allowance ends
     assert step(m, 3.5, True) == [DoorForced(1)]
+
+
+def test_a_resumed_session_is_not_timed_out_before_its_door_was_read() -> None:
+    """Rule 6: the open timeout ran out while the agent was down; the first step comes before
+    the first door reading, which shows the door open: it is the shopper's session, not forced."""
+    t = Timing(latch_release_s=0.5, open_timeout_s=30.0, settle_s=1.0)
+    m = DoorMachine(1, t)
+    m.begin(ActiveSession("s-1", 1, "ref", unlock_at=-100.0, door_read=False))
+    assert m.step(0.0, 1000.0, None, True) == []          # timers only, no reading yet
+    assert m.session is not None and m.session.phase is Phase.WAIT_OPEN
+    actions = m.step(0.1, 1000.1, True, True)
+    assert actions == [Opened("s-1", 1000.1)] and m.session.phase is Phase.OPEN

@@ -273,8 +273,10 @@ def test_product_row_raises_only_document_error(item: Any) -> None:
     assert len(row) == 9 and len(row[0]) == 14 and row[7] > 0 and row[8] >= 0
 
 
-# ------------------------------------------------------------------ defects found
-
+# ------------------------------------------------------------------ deep nesting
+# Found by this fuzzing: canonical() re-serialising a deeply nested member raised RecursionError out
+# of install_bytes, with memory growing with the square of the depth (a 200 kB message could exhaust
+# a cabinet's RAM). Refused as invalid since c994de5 (catalog_doc.MAX_DEPTH).
 
 NESTED = 2000   # deep enough for Python's recursion limit; far below any message size limit
 

@@ -406,8 +406,6 @@ def test_the_core_answers_anything_on_the_command_topic_within_the_contract(payl
         assert bad is None, why
 
 
-@pytest.mark.xfail(strict=True, reason="agent/core.py _clip() cuts an error text to 200 characters and then "
-                   "appends '...': reply errors reach 203 characters (mqtt.md v1.1: at most 200)")
 def test_reply_error_texts_are_at_most_200_characters() -> None:
     from agent.events import Inbound
 

@@ -90,3 +90,15 @@ def test_disabled_decodes_everything() -> None:
 def test_bad_duty_rejected() -> None:
     with pytest.raises(ValueError):
         DecodeScheduler(duty=0.0)
+
+
+def test_without_budget_only_the_scene_decides() -> None:
+    """A glob played for a test: expensive decodes do not make it skip a scene."""
+    sched = DecodeScheduler(moving_interval_s=0.25, duty=0.1)
+    moving = moving_scene(3)
+    decoded = []
+    for i, f in enumerate([moving[0], moving[1], moving[1]]):
+        if sched.offer(f, i / FPS, budget=False):
+            sched.done(1.0)  # a second per decode
+            decoded.append(i)
+    assert decoded == [0, 2]  # the moving frame within the interval is skipped, the rest frame is not
