@@ -387,7 +387,7 @@ class Core:
         if topic == self.topics.ack:
             self._on_ack(msg.payload)
         elif topic == self.topics.cmd:
-            self._on_command(msg.payload)
+            self._on_command(msg)
         elif topic in self.topics.catalog_topics:
             if not msg.payload:
                 log.info("empty payload on %s (a cleared retained catalog) ignored", topic)
@@ -407,7 +407,26 @@ class Core:
             return
         self.syncer.on_ack(upto, self.clock.monotonic())
 
-    def _on_command(self, payload: bytes) -> None:
+    def _acker(self, msg: Inbound) -> Callable[[], None]:
+        """Acknowledge ``msg`` on the wire; called once its outcome is committed (mqtt.md v1.1)."""
+        acked = False
+
+        def ack() -> None:
+            nonlocal acked
+            if not acked and self.ports.link is not None and msg.ack is not None:
+                acked = True
+                self.ports.link.ack(msg)
+        return ack
+
+    def _on_command(self, msg: Inbound) -> None:
+        ack = self._acker(msg)
+        try:
+            self._command(msg.payload, ack)
+        finally:
+            if not any(ack in p.done for p in self.sessions.pending_open.values()):
+                ack()
+
+    def _command(self, payload: bytes, ack: Callable[[], None]) -> None:
         try:
             obj = parse_payload(payload)
             cmd = validate(obj, key=self.key, now=self.clock.wall(), skew_s=self.cfg.platform.clock_skew_s,
@@ -422,7 +441,7 @@ class Core:
             # The id is remembered in the same commit that journals the session: one fsync
             # between the command and the unlock frame.
             try:
-                self.sessions.open_door(cmd)
+                self.sessions.open_door(cmd, ack)
             except Rejected as rej:
                 self.recorder.remember_command(cmd.id, self.sessions.seen_until(cmd))
                 self.reject(rej)

@@ -157,8 +157,13 @@ class Daemon:
 
     def _start_link(self) -> None:
         core = self.core
+        assert self.catalog_worker is not None
+        # commands are acked by the core once their outcome is committed; catalog documents go
+        # straight to the installer (spooled to disk when large), which acks them when done
         self.link = MqttLink(self.cfg.platform, self.cfg.cabinet.id, core.inbox, core.topics.subscriptions(),
-                             will=core.offline_status(), will_topic=core.topics.status)
+                             will=core.offline_status(), will_topic=core.topics.status,
+                             held_topics=(core.topics.cmd,), catalog_sink=self.catalog_worker.submit,
+                             spool_dir=self.cfg.data_dir)
         core.ports.link = self.link
         self.link.start()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent.events import Inbound
 from agent.rules.commands import Rejected
 
 
@@ -22,6 +23,8 @@ class Link(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None: ...
 
     def resubscribe(self, topic: str) -> None: ...
+
+    def ack(self, msg: Inbound) -> None: ...
 
 
 class LockBoard(Protocol):

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.clock import Clock
@@ -48,9 +48,14 @@ PROBE_WAIT_S = 2.0      # rule 8: how long an open_door waits for the extra quer
 
 @dataclass
 class PendingOpen:
+    """An ``open_door`` that waits (for stable lanes, or for the lock board's answer). Nothing of
+    it is committed yet, so its PUBLISH stays unacknowledged: after a crash the broker delivers
+    it again. ``done`` are called once its outcome is committed (mqtt.md v1.1)."""
+
     command: Command
     deadline: float
     probing: bool = False   # waits for the answer to a query of the faulted lock board (rule 8)
+    done: list[Callable[[], None]] = field(default_factory=list)
 
 
 class SessionRunner:
@@ -71,16 +76,19 @@ class SessionRunner:
         return cmd.expires_at + self.cfg.platform.clock_skew_s
 
     # -- starting ---------------------------------------------------------------------------------
-    def open_door(self, cmd: Command) -> None:
-        """Start a session, or wait briefly for a known door and stable lanes; Rejected if not allowed."""
+    def open_door(self, cmd: Command, done: Callable[[], None] = lambda: None) -> None:
+        """Start a session, or wait briefly for a known door and stable lanes; Rejected if not
+        allowed. ``done`` is called once the outcome is committed (now, or when it waited)."""
         door = cmd.args["door"]
+        waiting = self.pending_open.get(door)
+        if waiting is not None and waiting.command.id == cmd.id:
+            waiting.done.append(done)   # delivered again while it waits: one outcome for both
+            return
         self._check_can_open(cmd, door, probe_ok=True)
-        if door in self.pending_open:
+        if waiting is not None:
             raise Rejected(f"not_allowed: door {door} is busy with another session", cmd.id, cmd.type)
         probing = self.state.lock_faulted
         if probing or not self.state.door_ready(door):
-            if not self.recorder.remember_command(cmd.id, self.seen_until(cmd)):
-                raise Rejected("not_allowed: the ledger cannot accept records", cmd.id, cmd.type)
             if probing:
                 # Rule 8: a fault that is already over must not turn the shopper away: ask the board.
                 wait_s = PROBE_WAIT_S
@@ -89,9 +97,10 @@ class SessionRunner:
             else:
                 wait_s = max(BASELINE_WAIT_S, 2 * self.cfg.scale.settle_s)
                 log.info("open_door %s waits for stable lanes behind door %d", cmd.id, door)
-            self.pending_open[door] = PendingOpen(cmd, self.clock.monotonic() + wait_s, probing)
+            self.pending_open[door] = PendingOpen(cmd, self.clock.monotonic() + wait_s, probing, [done])
             return
         self._start_session(cmd)
+        done()
 
     def _check_can_open(self, cmd: Command, door: int, probe_ok: bool = False) -> None:
         """Rejected unless a session may start now (``probe_ok``: a lock fault is checked by a probe)."""
@@ -121,8 +130,8 @@ class SessionRunner:
             if pending.probing and self.state.lock_faulted:
                 if now > pending.deadline:
                     del self.pending_open[door]
-                    self.outbox.reject(Rejected("not_allowed: the lock board is not answering",
-                                                pending.command.id, "open_door"))
+                    self._refuse(pending, Rejected("not_allowed: the lock board is not answering",
+                                                   pending.command.id, "open_door"))
                 continue
             if pending.probing:
                 # the board answered: from here on it waits for the door's state and stable lanes
@@ -134,12 +143,22 @@ class SessionRunner:
                     self._check_can_open(pending.command, door)
                     self._start_session(pending.command)
                 except Rejected as rej:
-                    self.outbox.reject(rej)
+                    self._refuse(pending, rej)
+                    continue
+                for done in pending.done:
+                    done()
             elif now > pending.deadline:
                 del self.pending_open[door]
                 why = ("the lock board has not answered yet" if self.state.feedback[door] is None
                        else "the scales are not stable")
-                self.outbox.reject(Rejected(f"not_allowed: {why}", pending.command.id, "open_door"))
+                self._refuse(pending, Rejected(f"not_allowed: {why}", pending.command.id, "open_door"))
+
+    def _refuse(self, pending: PendingOpen, rej: Rejected) -> None:
+        """A waiting open_door is refused: its id is seen from now on, the refusal recorded."""
+        self.recorder.remember_command(pending.command.id, self.seen_until(pending.command))
+        self.outbox.reject(rej)
+        for done in pending.done:
+            done()
 
     def _start_session(self, cmd: Command) -> None:
         door = cmd.args["door"]
@@ -173,8 +192,8 @@ class SessionRunner:
         for door, pending in list(self.pending_open.items()):
             if pending.probing:
                 del self.pending_open[door]
-                self.outbox.reject(Rejected("not_allowed: the lock board is not answering",
-                                            pending.command.id, "open_door"))
+                self._refuse(pending, Rejected("not_allowed: the lock board is not answering",
+                                               pending.command.id, "open_door"))
 
     # -- the unlock's outcome -----------------------------------------------------------------------
     def on_unlock_done(self, done: UnlockDone) -> None:

@@ -23,11 +23,11 @@ trigger the harness *observes* — no hook in the product:
   startup  a random moment after the journal commit, then once more while the daemon starts
   random   a uniformly random moment after the unlock
 
-Every category but ``command`` strikes once the session is journaled. The moments before that
-(an open_door received and acknowledged to the broker but not yet journaled, or parked in memory
-while the lanes settle after a start) lose the command today; ``command`` lands there now and
-then, so the CI subset leaves it out and tests/e2e/test_e2e_crashpoints.py holds each of those
-windows open deterministically in a test of its own.
+Every category but ``command`` strikes once the session is journaled. ``command`` lands before
+that now and then (an open_door received but not yet journaled, or parked in memory while the
+lanes settle after a start): the agent acknowledges a command's PUBLISH only once its outcome is
+committed (mqtt.md v1.1), so the broker delivers it again after the restart.
+tests/e2e/test_e2e_crashpoints.py also holds each of those windows open deterministically.
 
 The daemon is SIGKILLed there and started again at once (the simulators, the broker and the
 platform stay up, as they would), and the shopper carries on. At the end of each session and
@@ -81,9 +81,9 @@ from drivers.lockboard.codec import UnlockRequest  # noqa: E402
 log = logging.getLogger("crashpoints")
 
 CATEGORIES = ("command", "unlock", "opened", "shut", "commit", "publish", "ack", "startup", "random")
-# "command" can land before the journal commit, where a kill loses the open_door today (see the
-# module docstring); the CI subset leaves it out.
-CI_CATEGORIES = tuple(c for c in CATEGORIES if c != "command")
+# CI runs every category ("command" lands before the journal commit: the command is redelivered
+# because it is acknowledged only once its outcome is committed).
+CI_CATEGORIES = CATEGORIES
 COMMITS = ("journal", "opened", "closed", "ended")
 
 # The same rules as Timings.fast(), with an open timeout well above a restart (a session whose

@@ -41,6 +41,7 @@ class FakeLink:
         self.connected = True
         self.published: list[tuple[str, bytes, bool]] = []
         self.resubscribed: list[str] = []
+        self.acked: list[Any] = []
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
         self.published.append((topic, payload, retain))
@@ -48,6 +49,9 @@ class FakeLink:
 
     def resubscribe(self, topic: str) -> None:
         self.resubscribed.append(topic)
+
+    def ack(self, msg: Inbound) -> None:
+        self.acked.append(msg.ack)
 
     def replies(self) -> list[dict[str, Any]]:
         return [json.loads(p) for t, p, _ in self.published if t.endswith("/cmd/reply")]
@@ -401,3 +405,33 @@ def test_a_command_id_longer_than_64_characters_is_refused_with_id_null(cab: Cab
     assert reply["id"] is None and reply["ok"] is False and "64 characters" in reply["error"]
     assert len(reply["error"]) <= 200
     assert cab.events("command_rejected")[-1]["command_id"] is None
+
+
+# -- v1.1: a command is acknowledged on the wire only once its outcome is committed -------------------------
+def _held(cab: Cabinet, type_: str, args: dict[str, Any], token: object) -> str:
+    cid = str(uuid.uuid4())
+    wall = cab.clock.wall()
+    obj = sign({"id": cid, "type": type_, "issued_at": ts_from_epoch(wall), "expires_at": ts_from_epoch(wall + 60),
+                "args": args}, KEY)
+    cab.core.handle(Inbound(cab.core.topics.cmd, canonical(obj), ack=token))  # type: ignore[arg-type]
+    return cid
+
+
+def test_an_open_door_is_acked_once_its_session_is_journaled(cab: Cabinet) -> None:
+    _held(cab, "open_door", {"door": 1, "session_id": str(uuid.uuid4()), "shopper": "r", "auth": "qr"}, "t1")
+    assert cab.link.acked == ["t1"] and len(cab.core.ledger.active_sessions()) == 1
+
+
+def test_a_waiting_open_door_is_acked_only_when_it_starts_and_is_not_yet_seen(tmp_path: Path) -> None:
+    cab = Cabinet(tmp_path / "data")
+    cab.feed(False, stable=False)
+    cid = _held(cab, "open_door", {"door": 1, "session_id": str(uuid.uuid4()), "shopper": "r", "auth": "qr"}, "t2")
+    assert cab.link.acked == [] and not cab.core.ledger.command_seen(cid)   # a crash now: delivered again
+    cab.run(1.0, False, stable=True)
+    assert cab.link.acked == ["t2"] and len(cab.lockboard.unlocks) == 1
+
+
+def test_a_refused_command_is_acked_after_its_rejection_is_recorded(cab: Cabinet) -> None:
+    cab.core.state.service_mode = True
+    cid = _held(cab, "open_door", {"door": 1, "session_id": str(uuid.uuid4()), "shopper": "r", "auth": "qr"}, "t3")
+    assert cab.link.acked == ["t3"] and cab.events("command_rejected")[-1]["command_id"] == cid

@@ -150,11 +150,6 @@ def _finish_session(cab: SimulatedCabinet, session_id: str, lock: int, unlocks_b
     assert cab.platform.chain_errors == []
 
 
-@pytest.mark.xfail(strict=True, raises=CommandLost, reason=(
-    "the command's PUBLISH is acknowledged as soon as it is queued for the core (mqtt.md v1.1: only once its "
-    "outcome is committed): agent/daemon.py builds MqttLink without held_topics=(the cmd topic,) and the core "
-    "never calls link.ack(inbound) after its commit, so agent/mqtt_link.py acks it at once. A SIGKILL before "
-    "the core journals the open_door loses it for good: no redelivery, no reply, no unlock, no record"))
 def test_open_door_received_but_not_yet_journaled_survives_a_kill(
         shopper_cabinet: tuple[SimulatedCabinet, Shopper]) -> None:
     cab, _shopper = shopper_cabinet
@@ -192,12 +187,6 @@ def test_open_door_received_but_not_yet_journaled_survives_a_kill(
     _finish_session(cab, session_id, 1, unlocks)
 
 
-@pytest.mark.xfail(strict=True, raises=CommandLost, reason=(
-    "agent/sessions.py SessionRunner.open_door: an open_door for a door whose lanes are not stable yet (the "
-    "first settle_s after every start, so always for a command queued while the daemon was down) has its id "
-    "committed as seen and then waits in memory only (pending_open, up to BASELINE_WAIT_S); a kill then "
-    "loses it: no reply, no session, no command_rejected record, and as its id is already seen a redelivery "
-    "would be refused as a replay"))
 def test_open_door_waiting_for_stable_lanes_survives_a_kill(
         shopper_cabinet: tuple[SimulatedCabinet, Shopper]) -> None:
     cab, _shopper = shopper_cabinet
