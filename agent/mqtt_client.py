@@ -115,7 +115,7 @@ class LinkClient(mqtt.Client):
         self._end_large = end_large
         self.spool_above = spool_above
         self._large: _Large | None = None
-        self._chunk = bytearray(_CHUNK)
+        self._chunk: bytearray | None = None  # only while a large message is read (a fleet has many links)
 
     # -- TCP ------------------------------------------------------------------------------------
     def quickack(self) -> None:
@@ -136,6 +136,7 @@ class LinkClient(mqtt.Client):
     def abort_large(self) -> None:
         """Forget a large PUBLISH cut short by a lost connection (the broker sends it again)."""
         large, self._large = self._large, None
+        self._chunk = None
         if large is not None and large.sink is not None:
             log.info("connection lost %d bytes into a %d-byte message; it is dropped",
                      large.remaining - large.left, large.remaining)
@@ -199,6 +200,8 @@ class LinkClient(mqtt.Client):
             rc = self._read_large_header(large)
             if rc is not None:
                 return rc
+        if self._chunk is None:
+            self._chunk = bytearray(_CHUNK)
         view = memoryview(self._chunk)
         for _ in range(_CHUNKS_PER_CALL):
             if large.left == 0:
@@ -221,9 +224,11 @@ class LinkClient(mqtt.Client):
                     large.sink, large.write_failed = None, True
             large.left -= n
             self._touch()
+        view.release()
         if large.left:
             return MQTTErrorCode.MQTT_ERR_AGAIN
         self._large = None
+        self._chunk = None
         self._in_packet = cast(Any, _fresh_in_packet())
         assert large.msg is not None
         self._end_large(large.msg, large.sink, large.write_failed)

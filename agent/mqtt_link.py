@@ -584,6 +584,7 @@ class MqttLink:
             with spool:
                 spool.seek(0)
                 data = spool.read()
+        log.debug("message on %s (%d bytes) to the core", topic, len(data))
         self._put(Inbound(topic, data, ack=token))
         if token is None and qos:
             self._client.ack(mid, qos)

@@ -405,11 +405,12 @@ class ReferencePlatform:
         except ValueError as exc:
             self._error(f"cmd/reply: not JSON: {exc}")
             return
-        if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
-            self._error("cmd/reply: not an object with a string id")
+        if not isinstance(reply, dict) or "id" not in reply or not isinstance(reply["id"], (str, type(None))):
+            self._error("cmd/reply: not an object with a string or null id")
             return
         with self._cond:
-            self.replies[reply["id"]] = reply
+            if reply.get("id") is not None:   # v1.1: a refused command without a usable id is answered with null
+                self.replies[reply["id"]] = reply
             self.reply_log.append(reply)
 
     # -- catalog --------------------------------------------------------------------

@@ -212,17 +212,16 @@ class _Rows:
         except DocumentError as exc:
             self.problem = str(exc)
             return
-        marshal.dump(rows, self._file)
+        data = marshal.dumps(rows)  # whole batches: marshal.load on a file reads in tiny pieces
+        self._file.write(len(data).to_bytes(8, "little"))
+        self._file.write(data)
         self.count += len(rows)
 
     def batches(self) -> Iterator[list[Any]]:
         self._file.flush()
         self._file.seek(0)
-        while True:
-            try:
-                yield marshal.load(self._file)
-            except EOFError:
-                return
+        while head := self._file.read(8):
+            yield marshal.loads(self._file.read(int.from_bytes(head, "little")))
 
     def close(self) -> None:
         self._file.close()

@@ -524,7 +524,8 @@ def test_catalog_stale_alarm(make_cabinet: CabinetFactory) -> None:
 def test_sigkill_during_a_large_install_keeps_the_old_catalog_and_restart_installs_cleanly(
         make_cabinet: CabinetFactory) -> None:
     """A 300,000-product retained snapshot over MQTT; the agent is killed while installing it."""
-    cab = make_cabinet(cabinet_id="CAB-BIG", assign_lanes=False)
+    # the ~90 MB document is above the default max_message_mb (64): this cabinet admits 256
+    cab = make_cabinet(cabinet_id="CAB-BIG", assign_lanes=False, config_extra={"platform": {"max_message_mb": 256}})
     assert cab.platform is not None
     big = [_product("", f"Product {i}", f"PA-2026-{i:06d}", gtin="0" + with_check_digit(f"69{i:010d}"))
            for i in range(300_000)]
