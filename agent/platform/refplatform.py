@@ -409,8 +409,9 @@ class ReferencePlatform:
             self._error("cmd/reply: not an object with a string or null id")
             return
         with self._cond:
-            if reply.get("id") is not None:   # v1.1: a refused command without a usable id is answered with null
-                self.replies[reply["id"]] = reply
+            command_id = reply["id"]
+            if command_id is not None:   # v1.1: a refused command without a usable id is answered with null
+                self.replies[command_id] = reply
             self.reply_log.append(reply)
 
     # -- catalog --------------------------------------------------------------------
