@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.sim.cabinet import SimulatedCabinet
 from drivers.lockboard.codec import UnlockRequest
+from helpers import wait_until
 
 CabinetFactory = Callable[..., SimulatedCabinet]
 """The ``make_cabinet`` fixture's type (tests/e2e/conftest.py)."""
@@ -63,3 +64,16 @@ def wait_event(cab: SimulatedCabinet, kind: str, pred: Callable[[dict[str, Any]]
 
     platform.wait_for(seen, timeout, f"event {kind} {match} after seq {after}")
     return found[0]
+
+
+def lane_weight(cab: SimulatedCabinet, lane: str) -> float | None:
+    """A lane's weight as ``cabinetctl status --json`` reports it."""
+    return next(ln["weight_g"] for ln in cabinetctl_status(cab)["lanes"] if ln["lane"] == lane)
+
+
+def wait_lane_weight(cab: SimulatedCabinet, lane: str, grams: float, tol: float = 0.5) -> None:
+    def close() -> bool:
+        w = lane_weight(cab, lane)
+        return w is not None and abs(w - grams) <= tol
+
+    wait_until(close, 10, f"lane {lane} reading {grams} g")

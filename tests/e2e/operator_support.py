@@ -139,18 +139,6 @@ def events(cab: SimulatedCabinet, kind: str) -> list[dict[str, Any]]:
     return cab.platform.events(kind)
 
 
-def lane_weight(cab: SimulatedCabinet, lane: str) -> float | None:
-    return next(ln["weight_g"] for ln in status(cab)["lanes"] if ln["lane"] == lane)
-
-
-def wait_lane_weight(cab: SimulatedCabinet, lane: str, grams: float, tol: float = 0.5) -> None:
-    def close() -> bool:
-        w = lane_weight(cab, lane)
-        return w is not None and abs(w - grams) <= tol
-
-    wait_until(close, 10, f"lane {lane} reading {grams} g")
-
-
 def ctl_past_stability(cab: SimulatedCabinet, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
     """tare/calibrate need a stable weight: retry while (and only while) the daemon says it is not yet."""
     def attempt() -> subprocess.CompletedProcess[str] | None:

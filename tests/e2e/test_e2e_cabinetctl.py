@@ -31,7 +31,7 @@ import pytest
 
 from agent.protocol import canonical
 from agent.sim.cabinet import TRAY_G, SimulatedCabinet, Timings
-from cabinet_helpers import OPERATOR, CabinetFactory, unlock_frames, wait_event
+from cabinet_helpers import OPERATOR, CabinetFactory, lane_weight, unlock_frames, wait_event, wait_lane_weight
 from cabinet_helpers import cabinetctl_status as status
 from drivers.lockboard.codec import UnlockRequest
 from helpers import wait_until
@@ -75,18 +75,6 @@ def run_ctl(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr}"
     return result
-
-
-def lane_weight(cab: SimulatedCabinet, lane: str) -> float | None:
-    return next(ln["weight_g"] for ln in status(cab)["lanes"] if ln["lane"] == lane)
-
-
-def wait_lane_weight(cab: SimulatedCabinet, lane: str, grams: float, tol: float = 0.5) -> None:
-    def close() -> bool:
-        w = lane_weight(cab, lane)
-        return w is not None and abs(w - grams) <= tol
-
-    wait_until(close, 10, f"lane {lane} reading {grams} g")
 
 
 def ctl_when_stable(cab: SimulatedCabinet, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:

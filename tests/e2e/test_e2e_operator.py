@@ -25,16 +25,15 @@ from operator_support import (
     barrier,
     ctl_past_stability,
     events,
-    lane_weight,
     make_cabinet,
     ok,
     status,
-    wait_lane_weight,
 )
 
 from agent.control import MAX_CONNECTIONS, REQUEST_TIMEOUT_S
 from agent.protocol import public_key_b64
 from agent.sim.cabinet import TRAY_G, SimulatedCabinet
+from cabinet_helpers import lane_weight, wait_lane_weight
 
 pytestmark = pytest.mark.timeout(60)
 OPERATOR = "root"   # the tests run as root (cabinetctl as another user: test_e2e_operator_readonly.py)
