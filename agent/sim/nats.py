@@ -12,19 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
 
-from agent.sim.broker import BrokerError, _accepts, _read_from, _tail, free_port
+from agent.sim.broker import BrokerError
+from agent.sim.server import ServerProcess, free_port
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BINARY = "/usr/sbin/nats-server"
 START_TIMEOUT_S = 15.0
-_POLL_S = 0.02
 _PORT_ATTEMPTS = 5
 
 
@@ -37,36 +33,23 @@ def find_nats_server() -> str:
     raise BrokerError("nats-server not found on PATH nor at /usr/sbin/nats-server (apt-get install nats-server)")
 
 
-class PrivateNats:
+class PrivateNats(ServerProcess):
     """nats-server (JetStream + MQTT) of our own, started by the constructor unless ``autostart=False``."""
+
+    NAME = "nats-server"
+    READY_TEXT = "Server is ready"
+    STOP_TIMEOUT_S = 10.0     # ``restart()`` keeps the ports; JetStream keeps sessions and retained messages
 
     def __init__(self, log_dir: Path | None = None, *, host: str = "127.0.0.1", max_payload_mb: int = 8,
                  ack_wait_s: float | None = None, binary: str | None = None, autostart: bool = True) -> None:
         """``ack_wait_s``: how long NATS waits for a PUBACK before it delivers a QoS 1 message again
         (its default is 30 s; NATS redelivers on that timer, not on a reconnect)."""
-        self.host = host
+        super().__init__(binary or find_nats_server(), "cab-nats-", log_dir, host, START_TIMEOUT_S)
         self.port = 0        # MQTT
         self.nats_port = 0
         self.max_payload = max_payload_mb << 20
         self.ack_wait_s = ack_wait_s
-        self._binary = binary or find_nats_server()
-        self._workdir = Path(tempfile.mkdtemp(prefix="cab-nats-"))
-        self._log_dir = Path(log_dir) if log_dir is not None else self._workdir
-        self._proc: subprocess.Popen[bytes] | None = None
-        if autostart:
-            try:
-                self.start()
-            except BaseException:
-                self.close()
-                raise
-
-    @property
-    def log_path(self) -> Path:
-        return self._log_dir / f"{self._workdir.name}.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        self._autostart(autostart)
 
     def config_text(self) -> str:
         return "\n".join([
@@ -83,7 +66,6 @@ class PrivateNats:
         """Start and return once the MQTT port accepts connections; idempotent."""
         if self.running:
             return self
-        self._log_dir.mkdir(parents=True, exist_ok=True)
         fixed = bool(self.port)
         error = ""
         for _ in range(1 if fixed else _PORT_ATTEMPTS):
@@ -98,55 +80,7 @@ class PrivateNats:
         raise BrokerError(f"nats-server did not start: {error}")
 
     def _try_start(self) -> tuple[bool, str, bool]:
-        conf = self._workdir / "nats.conf"
-        conf.write_text(self.config_text(), encoding="utf-8")
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log_file:
-            proc = subprocess.Popen([self._binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            output = _read_from(self.log_path, offset)
-            if proc.poll() is not None:
-                return False, _tail(output), "address already in use" in output.lower()
-            if "Server is ready" in output and _accepts(self.host, self.port):
-                self._proc = proc
-                return True, "", False
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                return False, f"not ready after {START_TIMEOUT_S} s; log: {_tail(output)}", False
-            try:
-                proc.wait(_POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def stop(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-    def restart(self) -> None:
-        """Stop and start on the same ports; JetStream keeps sessions and retained messages."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateNats:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+        return self._launch(self._workdir / "nats.conf", self.config_text(), (self.port,))
 
     def __repr__(self) -> str:
         return f"PrivateNats(mqtt://{self.host}:{self.port}, {'running' if self.running else 'stopped'})"
