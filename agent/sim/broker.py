@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import AgentError
-from agent.sim.server import ServerProcess, free_port
+from agent.sim.server import ServerProcess, find_binary, free_port
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,10 @@ class BrokerError(AgentError):
 
 def find_mosquitto() -> str:
     """The mosquitto binary: on PATH, else the Debian location (it lives in /usr/sbin)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    if os.access(DEFAULT_BINARY, os.X_OK):
-        return DEFAULT_BINARY
-    raise BrokerError("mosquitto not found on PATH nor at /usr/sbin/mosquitto (apt-get install mosquitto)")
+    found = find_binary("mosquitto", DEFAULT_BINARY)
+    if found is None:
+        raise BrokerError("mosquitto not found on PATH nor at /usr/sbin/mosquitto (apt-get install mosquitto)")
+    return found
 
 
 PROFILES = ("tuned", "stock")

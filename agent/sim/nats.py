@@ -10,12 +10,10 @@ MQTT port (what the agent and the reference platform connect to).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from agent.sim.broker import BrokerError
-from agent.sim.server import ServerProcess, free_port
+from agent.sim.server import ServerProcess, find_binary, free_port
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +23,10 @@ _PORT_ATTEMPTS = 5
 
 
 def find_nats_server() -> str:
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    if os.access(DEFAULT_BINARY, os.X_OK):
-        return DEFAULT_BINARY
-    raise BrokerError("nats-server not found on PATH nor at /usr/sbin/nats-server (apt-get install nats-server)")
+    found = find_binary("nats-server", DEFAULT_BINARY)
+    if found is None:
+        raise BrokerError("nats-server not found on PATH nor at /usr/sbin/nats-server (apt-get install nats-server)")
+    return found
 
 
 class PrivateNats(ServerProcess):

@@ -10,6 +10,7 @@ timeout, a kill like a power cut, and clean-up of the work directory.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,15 @@ from typing import Self
 log = logging.getLogger(__name__)
 
 POLL_S = 0.01
+
+
+def find_binary(name: str, default: str) -> str | None:
+    """A server binary: on PATH, else its Debian location (mosquitto lives in /usr/sbin); None
+    when neither is there (the caller says how to install it)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    return default if os.access(default, os.X_OK) else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
