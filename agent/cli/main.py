@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from agent import __version__
+from agent.cli.early import EarlyStop
 from agent.errors import AgentError, ConfigError
 
 
@@ -18,10 +19,11 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _stop_on_signals() -> threading.Event:
+def _stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     """SIGTERM/SIGINT set the returned event, from the first moment of ``run`` on: a signal that
-    arrives while the daemon is still starting stops it cleanly with exit 0 (operations.md v1.1)."""
-    stop = threading.Event()
+    arrives while the daemon is still starting stops it cleanly with exit 0 (operations.md v1.1).
+    ``stop``: the event the entry point's early handler may already have set (agent.cli.entry)."""
+    stop = stop if stop is not None else threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         logging.getLogger("agent.daemon").info("signal %d: stopping", signum)
@@ -32,8 +34,8 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    stop = _stop_on_signals()
+def cmd_run(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    stop = _stop_on_signals(stop)
     from agent.config import config_path, load_config  # heavy imports after the handlers
     from agent.daemon import Daemon
 
@@ -116,8 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, early: EarlyStop | None = None) -> int:
+    """``early``: the handlers the entry point installed before this module was imported."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        if early is not None:
+            early.release()
+        raise
+    if args.func is cmd_run:
+        return int(cmd_run(args, early.event if early is not None else None))
+    if early is not None:
+        early.release()
     return int(args.func(args))
 
 
