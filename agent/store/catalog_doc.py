@@ -127,13 +127,21 @@ def read_skeleton(open_stream: Callable[[], Source]) -> Skeleton:
             return _read_skeleton(raw, _YAJL)
         except ijson.common.JSONError as exc:
             if not _is_int_overflow(exc) or _YAJL is _PYTHON:
-                raise DocumentError(f"not valid JSON: {_short(exc)}") from None
+                raise _json_error(exc) from None
     log.info("catalog document has integers beyond 64 bits: reading it with the pure-Python parser")
     with open_stream() as raw:
         try:
             return _read_skeleton(raw, _PYTHON)
         except (ijson.common.JSONError, ValueError) as exc:
-            raise DocumentError(f"not valid JSON: {_short(exc)}") from None
+            raise _json_error(exc) from None
+
+
+def _json_error(exc: Exception) -> DocumentError:
+    # yajl says "numeric overflow" of a number beyond a double (1e400): valid JSON text, but
+    # no weight or price can be that, and the operator should read what is wrong
+    if "overflow" in str(exc):
+        return DocumentError(f"a number is out of range: {_short(exc)}")
+    return DocumentError(f"not valid JSON: {_short(exc)}")
 
 
 def _short(exc: Exception) -> str:
