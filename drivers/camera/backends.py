@@ -98,14 +98,16 @@ class ZxingBackend:
             raise DecoderUnavailable(ZXING, f"{type(exc).__name__}: {exc}") from exc
         self._z: Any = zxingcpp
         f = zxingcpp.BarcodeFormat
-        self._formats = [f.EAN13, f.EAN8, f.UPCA, f.UPCE, f.Code128, f.QRCode]
+        self._linear = [f.EAN13, f.EAN8, f.UPCA, f.UPCE, f.Code128]
+        self._formats = [*self._linear, f.QRCode]
 
     def read(self, gray: np.ndarray, try_rotate: bool = True, try_invert: bool = True,
-             try_downscale: bool = True) -> list[Read]:
+             try_downscale: bool = True, linear_only: bool = False) -> list[Read]:
+        """``linear_only``: no QR detector (a confirmation view of a linear symbol)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             results = self._z.read_barcodes(
-                gray, formats=self._formats, text_mode=self._z.TextMode.Plain,
+                gray, formats=self._linear if linear_only else self._formats, text_mode=self._z.TextMode.Plain,
                 try_rotate=try_rotate, try_invert=try_invert, try_downscale=try_downscale)
         out = []
         for r in results:

@@ -143,11 +143,10 @@ def _lines(crop: np.ndarray, y0: float, y1: float) -> np.ndarray:
     """Darkness profiles (one row each) of ``LINES`` rows across the band, each three pixel
     rows averaged (sensor noise down; the bars are vertical, so they are unchanged)."""
     h = crop.shape[0]
-    img = crop.astype(np.float32)
     out = []
     for y in np.linspace(max(0.0, y0), min(h - 1.0, y1), LINES):
         r = int(round(float(y)))
-        out.append(-img[max(0, r - 1):r + 2].mean(axis=0))
+        out.append(-crop[max(0, r - 1):r + 2].astype(np.float32).mean(axis=0))  # only the rows used
     return np.stack(out)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from drivers.camera import symbology as sym
 from drivers.camera import synth
-from drivers.camera.decoder import BarcodePipeline, Decoded
+from drivers.camera.decoder import QUICK, BarcodePipeline, Decoded
 
 SIZE = (1280, 720)
 # Measured 175/180 at this seed; the floors leave room for library updates, not for regressions.
@@ -111,6 +111,65 @@ def test_two_codes_in_one_frame_both_reported_once() -> None:
 def test_unknown_backend_rejected() -> None:
     with pytest.raises(ValueError):
         BarcodePipeline("tesseract")
+    with pytest.raises(ValueError):
+        BarcodePipeline(find_order="sideways")
+
+
+class _Counting:
+    """Wraps the pipeline's zxing-cpp backend: records the options of every whole-frame read."""
+
+    def __init__(self, pipe: BarcodePipeline, shape: tuple[int, ...]) -> None:
+        assert pipe._zx is not None
+        self._read = pipe._zx.read
+        self.shape = shape
+        self.full_frame: list[str] = []
+        pipe._zx.read = self  # type: ignore[method-assign]
+
+    def __call__(self, img: np.ndarray, **kw: bool) -> list:
+        if img.shape == self.shape:
+            self.full_frame.append("quick" if kw == QUICK else "full" if not kw else repr(kw))
+        return self._read(img, **kw)
+
+
+def _frame(kind: str, seed: int, size: tuple[int, int] = (640, 480)) -> tuple[synth.CodeSpec, np.ndarray]:
+    spec = synth.make_code(kind, np.random.default_rng(seed))
+    return spec, synth.compose(spec, size=size, seed=seed)
+
+
+def test_an_upright_code_needs_only_the_quick_pass() -> None:
+    spec, frame = _frame("ean13", 11)
+    pipe = BarcodePipeline()
+    calls = _Counting(pipe, frame.shape)
+    regions = []
+    pipe._regions = lambda g: regions.append(1) or []  # type: ignore[method-assign]
+    assert pipe.decode(frame) == [Decoded(spec.symbology, spec.text, spec.gtin)]
+    assert calls.full_frame == ["quick"] and not regions
+
+
+def test_a_code_turned_90_degrees_is_read_in_its_region() -> None:
+    spec, frame = _frame("ean13", 12)
+    turned = np.ascontiguousarray(np.rot90(frame))  # bars horizontal: no upright scan line crosses them
+    pipe = BarcodePipeline()
+    calls = _Counting(pipe, turned.shape)
+    assert pipe.decode(turned) == [Decoded(spec.symbology, spec.text, spec.gtin)]
+    assert calls.full_frame == ["quick"]  # the region, straightened, read it: no full search
+
+
+def test_a_light_on_dark_code_is_found_by_the_full_search() -> None:
+    spec, frame = _frame("qr_text", 13)
+    inverted = np.ascontiguousarray(255 - frame)
+    pipe = BarcodePipeline()
+    calls = _Counting(pipe, inverted.shape)
+    assert pipe.decode(inverted) == [Decoded(spec.symbology, spec.text, spec.gtin)]
+    assert calls.full_frame == ["quick", "full"]  # neither the upright pass nor a region read it
+
+
+def test_full_first_order_and_the_libraries_alone_use_the_full_search() -> None:
+    spec, frame = _frame("ean13", 11)
+    for pipe in (BarcodePipeline(find_order="full"), BarcodePipeline("zxing")):
+        calls = _Counting(pipe, frame.shape)
+        assert Decoded(spec.symbology, spec.text, spec.gtin) in pipe.decode(frame)
+        assert calls.full_frame == ["full"]
 
 
 # ------------------------------------------------------------------ symbology names
