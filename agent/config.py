@@ -92,6 +92,10 @@ class PlatformConfig(_Section):
     clock_skew_s: float = Field(300, ge=0, le=86400)
     catalog_max_age_days: float = Field(7, gt=0, title="older catalog raises catalog_stale")
     keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_spread_s: float = Field(
+        20, ge=0, le=600,
+        title="after the broker ends an established connection, every reconnect waits uniformly over at least"
+              " [0, this]: a fleet that lost its broker together comes back spread out (0: plain backoff)")
 
     @field_validator("public_key")
     @classmethod

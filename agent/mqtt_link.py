@@ -29,7 +29,9 @@ streamed to a spool file by ``agent.mqtt_client`` and handed over as a file.
 Also: callbacks only enqueue and never raise (``suppress_exceptions`` too); nothing is
 published while offline (the ledger resends after reconnecting instead of paho's queue
 duplicating); a PUBACK with a failure reason code is a failed publish; reconnects use
-exponential backoff with full jitter; TCP_NODELAY, and TCP_QUICKACK after every read and write
+exponential backoff with full jitter, spread over ``reconnect_spread_s`` after the broker ended an
+established connection (``reconnect_delay``: a fleet must not come back in one second); TCP_NODELAY,
+and TCP_QUICKACK after every read and write
 (``agent.mqtt_client``). Durability never depends on paho: the core resends until acked.
 """
 
@@ -90,6 +92,30 @@ def backoff_delay(attempt: int, base_s: float = 0.5, cap_s: float = 60.0, rng: r
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
     source: Any = rng if rng is not None else random
     return float(source.uniform(0, min(cap_s, base_s * (2 ** min(attempt, 20)))))
+
+
+def reconnect_delay(attempt: int, *, after_loss: bool, base_s: float = 0.5, cap_s: float = 60.0,
+                    spread_s: float = 20.0, rng: random.Random | None = None) -> float:
+    """The wait before reconnect attempt ``attempt`` (0: the first since the link was last stable).
+
+    Normally full-jitter exponential backoff (``backoff_delay``): a cabinet that never got
+    through yet, or whose connection died of a keepalive timeout (the silence was noticed on
+    this side, at a moment of its own keepalive phase), retries within ``base_s`` first.
+
+    ``after_loss``: the broker ended an established connection (it closed the socket or sent
+    DISCONNECT). Then every cabinet on that broker lost it in the same instant, usually a
+    broker restart, and full jitter over 0.5 s would bring them all back within a second.
+    So every attempt until the link is stable again waits uniformly over a window of at least
+    ``spread_s`` (wider once the exponential window is): N cabinets arrive at about N / spread_s
+    a second, and while the broker is still away each retries on average every spread_s / 2.
+    The price: a cabinet comes back on average ``spread_s / 2`` (at most about ``spread_s``)
+    after the broker does, even one whose own connection was all that blipped.
+    """
+    source: Any = rng if rng is not None else random
+    window = min(cap_s, base_s * (2 ** min(attempt, 20)))
+    if after_loss:
+        window = max(window, spread_s)
+    return float(source.uniform(0, window))
 
 
 @dataclass
@@ -156,7 +182,8 @@ class MqttLink:
                  subscriptions: list[str], will: bytes, will_topic: str, max_inflight: int = 200, *,
                  held_topics: Iterable[str] = (), catalog_sink: Callable[[Document], None] | None = None,
                  spool_dir: str | Path | None = None, backoff_base_s: float = 0.5,
-                 backoff_cap_s: float = 60.0) -> None:
+                 backoff_cap_s: float = 60.0, reconnect_spread_s: float | None = None) -> None:
+        """``reconnect_spread_s`` overrides ``platform.reconnect_spread_s`` (see ``reconnect_delay``)."""
         self._cfg = platform
         self._inbox = inbox
         self._subs = list(subscriptions)
@@ -165,6 +192,8 @@ class MqttLink:
         self._catalog_sink = catalog_sink
         self._spool_dir = str(spool_dir) if spool_dir is not None else None
         self._backoff = (backoff_base_s, backoff_cap_s)
+        self._spread_s = platform.reconnect_spread_s if reconnect_spread_s is None else reconnect_spread_s
+        self._lost_to_keepalive = False   # the connection ended by our keepalive timeout (link thread only)
         self._v5 = platform.mqtt_version == "5"
         self._limit = platform.max_message_bytes
         self.client_id = f"cab-{cabinet_id}"
@@ -275,36 +304,54 @@ class MqttLink:
     # -- the link's thread --------------------------------------------------------------------------
     def _run(self) -> None:
         attempt = 0
+        after_loss = False     # the broker ended our last established connection: spread the retries
         try:
             while not self._stopping.is_set():
                 try:
                     self._client.connect(self._cfg.host, self._cfg.port, keepalive=self._cfg.keepalive_s,
                                          **self._connect_args())
                 except (OSError, ValueError, ssl.SSLError) as exc:
-                    delay = self._delay(attempt)
+                    delay = self._delay(attempt, after_loss)
                     attempt += 1
                     log.warning("cannot connect to %s:%d (%s); retrying in %.1f s",
                                 self._cfg.host, self._cfg.port, exc or type(exc).__name__, delay)
                     self._idle(delay)
                     continue
                 except Exception:  # noqa: BLE001 - a bug must not end the link for good: log, retry
-                    delay = self._delay(attempt)
+                    delay = self._delay(attempt, after_loss)
                     attempt += 1
                     log.exception("connecting to %s:%d failed; retrying in %.1f s", self._cfg.host,
                                   self._cfg.port, delay)
                     self._idle(delay)
                     continue
                 started = time.monotonic()
-                reason = self._serve()
+                connects = self.stats.connects
+                self._lost_to_keepalive = False
+                try:
+                    reason = self._serve()
+                except Exception:  # noqa: BLE001 - a bug in the network loop must not end the link for good
+                    # our own failure, not the broker's: plain backoff, and the thread carries on
+                    delay = backoff_delay(attempt, *self._backoff)
+                    attempt += 1
+                    log.exception("the mqtt network loop failed; reconnecting in %.1f s", delay)
+                    self._close_socket()
+                    self._set_down("network loop failed")
+                    self._client.abort_large()
+                    self._idle(delay)
+                    continue
                 self._set_down(reason)
                 self._client.abort_large()
                 if self._stopping.is_set():
                     break
                 if self.stats.connects and time.monotonic() - started >= STABLE_S:
                     attempt = 0
-                delay = self._delay(attempt)
+                if self.stats.connects > connects:    # this connection was established (CONNACK)
+                    after_loss = not self._lost_to_keepalive
+                delay = self._delay(attempt, after_loss)
                 attempt += 1
-                log.info("reconnecting to the platform in %.1f s (%s)", delay, reason)
+                log.info("reconnecting to the platform in %.1f s (%s%s)", delay, reason,
+                         f"; spread over {self._spread_s:g} s after the broker ended the connection"
+                         if after_loss and self._spread_s > 0 else "")
                 self._idle(delay)
         except Exception:  # noqa: BLE001 - the thread must say why it died
             log.exception("the mqtt thread failed")
@@ -322,8 +369,9 @@ class MqttLink:
         props.MaximumPacketSize = min(MAX_PACKET, self._limit + HEADER_ALLOWANCE)
         return {"clean_start": False, "properties": props}
 
-    def _delay(self, attempt: int) -> float:
-        return backoff_delay(attempt, *self._backoff)
+    def _delay(self, attempt: int, after_loss: bool) -> float:
+        base_s, cap_s = self._backoff
+        return reconnect_delay(attempt, after_loss=after_loss, base_s=base_s, cap_s=cap_s, spread_s=self._spread_s)
 
     def _idle(self, delay: float) -> None:
         """Wait out a backoff while answering requests (publishes are dropped: we are offline)."""
@@ -512,6 +560,8 @@ class MqttLink:
                 log.warning("disconnected from the platform: %s", reason_code)
             else:
                 log.debug("connection closed: %s", reason_code)
+            if str(reason_code) == "Keep alive timeout":   # paho's own: no PINGRESP in time
+                self._lost_to_keepalive = True
             self._set_down(str(reason_code))
         except Exception:  # noqa: BLE001
             log.exception("error in on_disconnect")

@@ -8,7 +8,10 @@
    stored and acked (from the go to the last cabinet's last ack), CPU per 1,000 records of
    the workers, PostgreSQL, the broker and the fleet; next to the same run's floor: the
    same rows written by one COPY, and the broker's raw QoS 1 publish rate of the same
-   batches. Checked: 0 lost, 0 stored twice, every cabinet acked to its last seq.
+   batches. Checked: 0 lost, 0 stored twice, every cabinet acked to its last seq. Also printed:
+   the machine's load and how much of the CPU was other processes' work, the fleet's idle CPU
+   (its links poll), the CPU bound those figures imply, and the ingest alone: the same batches
+   published by one client to fresh workers on a broker and database of their own, no fleet.
 2. Steady state: every cabinet at R sessions a minute (default 1) and a status every 60 s for
    S seconds (default 120): the latency from a record's append to the ack covering it
    (p50, p99, max, how many above 5 s).
@@ -18,7 +21,7 @@
    included; and the connections the broker accepted per second, from its log).
 
 Usage: python scripts/bench_fleet.py [--cabinets 1000] [--backlog 200] [--workers 2]
-       [--steady 120] [--outage 0] [--json-out FILE]
+       [--steady 120] [--outage 0] [--no-restart] [--no-alone] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ def cpu_of(pids: list[int]) -> float:
         except psutil.Error:
             pass
     return total
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (every process, ours and everybody else's)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
 
 
 def postgres_pids() -> list[int]:
@@ -147,19 +156,26 @@ def copy_floor(dsn: str) -> tuple[float, int]:
     return len(rows) / elapsed, len(rows)
 
 
-def publish_floor(dsn: str, broker: PrivateBroker, batch: int = 100) -> float:
-    """Records/s of publishing the same rows, pre-built in batches of ``batch``, QoS 1, one paho client."""
+def stored_batches(dsn: str, batch: int = 100) -> list[tuple[str, bytes]]:
+    """The stored rows as the cabinets sent them: (cabinet, records payload) in batches of ``batch``,
+    every cabinet's first batch, then every cabinet's second, ... (the order of a fleet's drain)."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT cabinet, seq, type, at, prev, hash, body::text FROM records ORDER BY cabinet, seq"
                             ).fetchall()
-    payloads: list[tuple[str, bytes]] = []
     by_cab: dict[str, list[str]] = collections.defaultdict(list)
     for cabinet, seq, type_, at, prev, hash_, body in rows:
         by_cab[cabinet].append(wire_json(seq, type_, at, prev, hash_, body))
+    out: list[tuple[int, str, bytes]] = []
     for cabinet, recs in by_cab.items():
         for i in range(0, len(recs), batch):
-            payloads.append((f"bench/floor/{cabinet}/records",
-                             f'{{"cabinet":"{cabinet}","records":[{",".join(recs[i:i + batch])}]}}'.encode()))
+            out.append((i, cabinet, f'{{"cabinet":"{cabinet}","records":[{",".join(recs[i:i + batch])}]}}'.encode()))
+    out.sort(key=lambda x: x[0])
+    return [(cabinet, payload) for _, cabinet, payload in out]
+
+
+def publish_all(broker: PrivateBroker, payloads: list[tuple[str, bytes]], client_id: str) -> tuple[mqtt.Client, float]:
+    """Publish (topic, payload) QoS 1 with one paho client; returns it (still connected) and the seconds
+    until every PUBACK was in."""
     done = threading.Event()
     acked = [0]
 
@@ -168,7 +184,7 @@ def publish_floor(dsn: str, broker: PrivateBroker, batch: int = 100) -> float:
         if acked[0] == len(payloads):
             done.set()
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-floor", protocol=mqtt.MQTTv5)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(1000)
     c.max_queued_messages_set(0)
     c.on_publish = on_publish
@@ -178,10 +194,56 @@ def publish_floor(dsn: str, broker: PrivateBroker, batch: int = 100) -> float:
     for topic, p in payloads:
         c.publish(topic, p, qos=1)
     done.wait(600)
-    elapsed = time.perf_counter() - t0
-    c.loop_stop()
-    c.disconnect()
-    return len(rows) / elapsed
+    return c, time.perf_counter() - t0
+
+
+def ingest_alone(dsn: str, n_workers: int, key: Path, work: Path) -> dict[str, Any]:
+    """The ingest side without the fleet on the machine: the same batches, published by one client on a
+    broker of their own, into a database of their own, through ``n_workers`` fresh workers."""
+    payloads = [(f"cab/v1/{cabinet}/records", p) for cabinet, p in stored_batches(dsn)]
+    total = sum(p.count(b'{"seq":') for _, p in payloads)
+    cabinets = len({t for t, _ in payloads})
+    db = f"cab_bench_alone_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{db}"')
+    dsn2 = ADMIN_DSN.rsplit("/", 1)[0] + "/" + db
+    (work / "alone").mkdir(exist_ok=True)
+    broker = PrivateBroker(log_dir=work / "alone")
+    workers = Workers(n_workers, broker, dsn2, key, work / "alone")
+    try:
+        workers.wait_subscribed()
+        pg = postgres_pids()
+        pids = {"workers": workers.pids, "postgres": pg, "broker": [broker.pid or 0]}
+        cpu0 = {k: cpu_of(v) for k, v in pids.items()}
+        t0 = time.monotonic()
+        client, _ = publish_all(broker, payloads, "bench-alone")
+        with psycopg.connect(dsn2) as conn:
+            wait_for(lambda: conn.execute("SELECT count(*) FROM cabinets WHERE acked_upto * %s = %s",
+                                          (cabinets, total)).fetchone()[0] == cabinets,
+                     600, "the ingest alone stored and acked everything", every=0.1)
+        elapsed = time.monotonic() - t0
+        cpu1 = {k: cpu_of(v) for k, v in pids.items()}
+        client.loop_stop()
+        client.disconnect()
+        us = {k: round((cpu1[k] - cpu0[k]) / total * 1e6, 1) for k in pids}
+        return {"records": total, "seconds": round(elapsed, 2), "records_per_s": round(total / elapsed),
+                "cpu_us_per_record": us, "load": os.getloadavg()}
+    finally:
+        workers.stop()
+        broker.close()
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def publish_floor(dsn: str, broker: PrivateBroker, batch: int = 100) -> float:
+    """Records/s of publishing the same rows, pre-built in batches of ``batch``, QoS 1, one paho client."""
+    batches = stored_batches(dsn, batch)
+    records = sum(p.count(b'{"seq":') for _, p in batches)
+    client, elapsed = publish_all(broker, [(f"bench/floor/{cabinet}/records", p) for cabinet, p in batches],
+                                  "bench-floor")
+    client.loop_stop()
+    client.disconnect()
+    return records / elapsed
 
 
 def broker_connects(broker: PrivateBroker, since: float) -> dict[int, int]:
@@ -207,6 +269,7 @@ def main() -> int:
     ap.add_argument("--sessions-per-min", type=float, default=1.0)
     ap.add_argument("--outage", type=float, default=0.0, help="seconds the broker stays down in the restart")
     ap.add_argument("--no-restart", action="store_true")
+    ap.add_argument("--no-alone", action="store_true", help="skip the ingest alone (the same batches, no fleet)")
     ap.add_argument("--json-out", type=Path)
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -244,16 +307,35 @@ def main() -> int:
 
         # -- 1. the drain --------------------------------------------------------------------------
         pg = postgres_pids()
-        cpu0 = {"workers": cpu_of(workers.pids), "postgres": cpu_of(pg), "broker": cpu_of([broker.pid or 0]),
-                "fleet": cpu_of(fl.pids)}
-        wall0 = time.time()
+
+        def cpu_now() -> dict[str, float]:
+            return {"workers": cpu_of(workers.pids), "postgres": cpu_of(pg), "broker": cpu_of([broker.pid or 0]),
+                    "fleet": cpu_of(fl.pids), "machine": machine_busy()}
+
+        # what the parts cost doing nothing: 1,000 idle cabinets (their links poll), the others' load
+        idle0, t_idle = cpu_now(), time.monotonic()
+        time.sleep(3.0)
+        idle1, idle_s = cpu_now(), time.monotonic() - t_idle
+        idle_cores = {k: (idle1[k] - idle0[k]) / idle_s for k in idle0}
+        cores = os.cpu_count() or 1
+        log(f"idle, before the go: fleet {idle_cores['fleet']:.0%} of a core, machine {idle_cores['machine']:.0%}"
+            f" of a core (of {cores}); {load()}")
+        cpu0 = cpu_now()
+        wall0, mono0 = time.time(), time.monotonic()
         fl.go()
-        st = wait_for(lambda: (s := fl.stats()).drained_at is not None and s, 900, "the backlog drained", every=0.05)
+        # drained_at is stamped by the fleet processes themselves: polling rarely costs nothing in accuracy
+        st = wait_for(lambda: (s := fl.stats()).drained_at is not None and s, 900, "the backlog drained", every=0.25)
         drain_s = st.drained_at - wall0
-        cpu1 = {"workers": cpu_of(workers.pids), "postgres": cpu_of(pg), "broker": cpu_of([broker.pid or 0]),
-                "fleet": cpu_of(fl.pids)}
+        cpu1 = cpu_now()
+        polled_s = time.monotonic() - mono0
         rate = total / drain_s
-        cpu_per_k = {k: round((cpu1[k] - cpu0[k]) / total * 1000 * 1000, 1) for k in cpu0}   # ms per 1,000 records
+        spent = {k: cpu1[k] - cpu0[k] for k in cpu0}
+        ours = sum(v for k, v in spent.items() if k != "machine")
+        others = max(0.0, spent["machine"] - ours)
+        cpu_per_k = {k: round(spent[k] / total * 1000 * 1000, 1) for k in cpu0 if k != "machine"}   # ms per 1,000
+        per_record_us = sum(cpu_per_k.values())              # µs of CPU per record, every part of the run
+        ingest_us = cpu_per_k["workers"] + cpu_per_k["postgres"] + cpu_per_k["broker"]
+        fleet_idle_us = idle_cores["fleet"] * polled_s / total * 1e6
         with psycopg.connect(dsn) as conn:
             stored, distinct = conn.execute("SELECT count(*), count(DISTINCT (cabinet, seq)) FROM records").fetchone()
             acked_ok = conn.execute("SELECT count(*) FROM cabinets WHERE acked_upto = %s", (a.backlog,)).fetchone()[0]
@@ -261,21 +343,43 @@ def main() -> int:
         log(f"drain: {total} records in {drain_s:.2f} s = {rate:,.0f} records/s stored and acked; "
             f"published {st.published} (resent {st.published - total}); stored {stored} ({distinct} distinct),"
             f" {acked_ok} cabinets acked to {a.backlog}, {anomalies} anomalies; {load()}")
-        log(f"CPU ms per 1,000 records: {cpu_per_k}")
+        log(f"CPU ms per 1,000 records: {cpu_per_k}; total {per_record_us:.1f} (the fleet's idle polling alone"
+            f" {fleet_idle_us:.1f}); the machine was busy {spent['machine'] / polled_s:.2f} of {cores} cores, of which"
+            f" others' work (not this run) {others / polled_s:.2f}")
+        log(f"CPU bound: {cores} cores carry at most {cores / per_record_us * 1e6:,.0f} records/s at"
+            f" {per_record_us:.0f} us a record; the ingest side alone (workers + PostgreSQL + broker,"
+            f" {ingest_us:.0f} us) at most {cores / ingest_us * 1e6:,.0f} records/s; a record costs its worker"
+            f" {cpu_per_k['workers']:.0f} us: {a.workers} workers on cores of their own carry"
+            f" {a.workers / cpu_per_k['workers'] * 1e6:,.0f} records/s")
         copy_rate, copy_rows = copy_floor(dsn)
         pub_rate = publish_floor(dsn, broker)
         floor = 1.0 / (1.0 / copy_rate + 1.0 / pub_rate)
         log(f"floor: one COPY of the {copy_rows} rows {copy_rate:,.0f} rows/s; raw QoS 1 publish of the same batches"
             f" {pub_rate:,.0f} records/s; combined {floor:,.0f} records/s; ingest = {rate / floor:.1%} of it")
+        alone: dict[str, Any] | None = None
+        if not a.no_alone:
+            alone = ingest_alone(dsn, a.workers, key_path, work)
+            au = alone["cpu_us_per_record"]
+            log(f"the ingest alone (the same batches from one publisher, no fleet on the machine): {alone['records']}"
+                f" records in {alone['seconds']} s = {alone['records_per_s']:,} records/s; CPU us a record: {au},"
+                f" total {sum(au.values()):.0f} = at most {cores / sum(au.values()) * 1e6:,.0f} records/s on {cores}"
+                f" cores; {load()}")
         results["drain"] = {"records": total, "seconds": round(drain_s, 3), "records_per_s": round(rate),
                             "published": st.published, "stored": stored, "distinct": distinct,
                             "lost": total - distinct, "stored_twice": stored - distinct,
                             "cabinets_acked_to_last": acked_ok, "anomalies": anomalies,
-                            "cpu_ms_per_1000": cpu_per_k, "floor_copy_rows_per_s": round(copy_rate),
+                            "cpu_ms_per_1000": cpu_per_k, "cpu_us_per_record_total": round(per_record_us, 1),
+                            "fleet_idle_us_per_record": round(fleet_idle_us, 1),
+                            "idle_cores_before": {k: round(v, 3) for k, v in idle_cores.items()},
+                            "machine_busy_cores": round(spent["machine"] / polled_s, 2),
+                            "others_busy_cores": round(others / polled_s, 2),
+                            "cpu_bound_records_per_s": round(cores / per_record_us * 1e6),
+                            "ingest_side_bound_records_per_s": round(cores / ingest_us * 1e6),
+                            "floor_copy_rows_per_s": round(copy_rate),
                             "floor_publish_records_per_s": round(pub_rate), "floor_combined": round(floor),
                             "ratio_to_floor": round(rate / floor, 3),
                             "goal_25000": rate >= 25000, "goal_30pct": rate / floor >= 0.30,
-                            "load": os.getloadavg()}
+                            "ingest_alone": alone, "load": os.getloadavg()}
 
         # -- 2. steady state -------------------------------------------------------------------------
         if a.steady > 0:

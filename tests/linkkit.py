@@ -39,6 +39,7 @@ PUBLIC_KEY = public_key_b64(Ed25519PrivateKey.generate())
 def platform_config(host: str, port: int, **kw: Any) -> PlatformConfig:
     kw.setdefault("public_key", PUBLIC_KEY)
     kw.setdefault("connect_timeout_s", 5.0)
+    kw.setdefault("reconnect_spread_s", 0.2)    # one link, no fleet: reconnect as quickly as the tests want
     return PlatformConfig(host=host, port=port, **kw)
 
 

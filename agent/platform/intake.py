@@ -93,10 +93,14 @@ def apply_flush(store: Store, batches: Sequence[Batch], statuses: Sequence[Statu
                     else:
                         result.anomalies.append(_conflict(cabinet, rec, stored[1]))
                     continue
-                problem = link_problem(rec, links.get(seq - 1), links.get(seq + 1))
-                if problem is not None:
-                    result.anomalies.append(Anomaly(cabinet, seq, "broken_chain", problem))
-                    continue
+                below = links.get(seq - 1)
+                # the common case inline (it links to the record below, nothing stored above it);
+                # link_problem decides every other one
+                if below is None or below[1] != rec.prev or seq == 1 or (seq + 1) in links:
+                    problem = link_problem(rec, below, links.get(seq + 1))
+                    if problem is not None:
+                        result.anomalies.append(Anomaly(cabinet, seq, "broken_chain", problem))
+                        continue
                 links[seq] = (rec.prev, rec.hash)
                 new_rows.append((cabinet, rec))
             chains[cabinet] = links

@@ -110,12 +110,20 @@ class _PgTx(StoreTx):
     def insert_records(self, rows: Sequence[tuple[str, Rec]], received_at: str) -> None:
         if not rows:
             return
-        # COPY's text format, written as one block: a fifth of the cost of write_row per row.
+        # COPY's text format, written as one block: a fifth of the cost of write_row per row. Built
+        # plain first: when the fields hold no tab, newline or CR (counted, which is all that ever
+        # happens: canonical JSON escapes them and the other fields are short words), the only escape
+        # left is doubling every backslash; otherwise each field is escaped alone.
         tail = f"\t{received_at}\n"
-        text = "".join(
-            f"{cabinet}\t{r.seq}\t{_copy_field(r.type)}\t{_copy_field(r.at)}\t{_copy_field(r.prev)}\t{r.hash}"
-            f"\t{_copy_json(r.body_json)}{tail}"
-            for cabinet, r in rows)
+        text = "".join([f"{cabinet}\t{r.seq}\t{r.type}\t{r.at}\t{r.prev}\t{r.hash}\t{r.body_json}{tail}"
+                        for cabinet, r in rows])
+        if text.count("\t") != 7 * len(rows) or text.count("\n") != len(rows) or "\r" in text:
+            text = "".join(
+                f"{cabinet}\t{r.seq}\t{_copy_field(r.type)}\t{_copy_field(r.at)}\t{_copy_field(r.prev)}\t{r.hash}"
+                f"\t{_copy_json(r.body_json)}{tail}"
+                for cabinet, r in rows)
+        elif "\\" in text:
+            text = text.replace("\\", "\\\\")
         with self._conn.cursor() as cur:
             with cur.copy("COPY records (cabinet, seq, type, at, prev, hash, body, received_at) FROM STDIN") as copy:
                 copy.write(text)
@@ -132,12 +140,14 @@ class _PgTx(StoreTx):
     def save_states(self, states: Sequence[CabinetState], updated_at: str) -> None:
         if not states:
             return
-        with self._conn.cursor() as cur:
-            cur.executemany(
-                "UPDATE cabinets SET acked_upto = %s, acked_hash = %s, chain_start = %s, gap_since = %s,"
-                " status_last_seq = %s, updated_at = %s WHERE cabinet = %s",
-                [(s.acked_upto, s.acked_hash, s.chain_start, s.gap_since, s.announced, updated_at, s.cabinet)
-                 for s in states])
+        # one statement for every cabinet of the flush (an UPDATE per cabinet costs the server more)
+        self._conn.execute(
+            "UPDATE cabinets AS c SET acked_upto = u.acked_upto, acked_hash = u.acked_hash,"
+            " chain_start = u.chain_start, gap_since = u.gap_since, status_last_seq = u.announced, updated_at = %s"
+            " FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::float8[], %s::bigint[])"
+            " AS u(cabinet, acked_upto, acked_hash, chain_start, gap_since, announced) WHERE c.cabinet = u.cabinet",
+            (updated_at, [s.cabinet for s in states], [s.acked_upto for s in states], [s.acked_hash for s in states],
+             [s.chain_start for s in states], [s.gap_since for s in states], [s.announced for s in states]))
 
     def save_statuses(self, updates: Sequence[StatusUpdate]) -> None:
         if not updates:

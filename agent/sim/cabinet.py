@@ -82,11 +82,13 @@ class Timings:
     open_timeout_s: float = 30.0
     door_open_alarm_s: float = 120.0
     ack_timeout_s: float = 30.0
+    reconnect_spread_s: float = 20.0    # the agent's default: a fleet comes back spread out
 
     @classmethod
     def fast(cls) -> Timings:
         """Short timings for tests: the same rules, less waiting."""
-        return cls(latch_release_s=0.15, settle_s=0.3, open_timeout_s=3.0, door_open_alarm_s=5.0, ack_timeout_s=3.0)
+        return cls(latch_release_s=0.15, settle_s=0.3, open_timeout_s=3.0, door_open_alarm_s=5.0, ack_timeout_s=3.0,
+                   reconnect_spread_s=0.5)
 
 
 class SimulatedCabinet:
@@ -161,7 +163,7 @@ class SimulatedCabinet:
                         "control_socket": str(self.workdir / "control.sock"), "timezone": "UTC"},
             "platform": {"host": self.broker.host, "port": self.broker.port,
                          "public_key": self.platform.public_key_b64, "ack_timeout_s": t.ack_timeout_s,
-                         "status_interval_s": 60},
+                         "status_interval_s": 60, "reconnect_spread_s": t.reconnect_spread_s},
             "lockboard": {"port": self.lockboard.port, "latch_release_s": t.latch_release_s,
                           "poll_interval_s": 0.1},
             "scale": {"port": self.scales.port, "settle_s": t.settle_s},

@@ -15,7 +15,7 @@ import pytest
 
 from agent import protocol
 from agent.platform import intake, report
-from agent.platform.chain import Batch, hash_and_body, parse_batch
+from agent.platform.chain import Batch, BatchError, hash_and_body, parse_batch
 from agent.platform.dsn import open_store
 from agent.platform.store import StatusUpdate, Store
 from agent.store.ledger import Ledger
@@ -279,3 +279,62 @@ def test_a_batch_for_another_cabinet_is_refused() -> None:
         parse_batch(b'{"cabinet":"bad id!","records":[]}')
     assert parse_batch(b'{"cabinet":"CAB-X","records":[{"seq":0}]}').rejected[0].seq is None
     assert isinstance(parse_batch(b'{"cabinet":"CAB-X","records":[]}'), Batch)
+
+
+def test_backslashes_alone_are_escaped_for_copy_and_stored_exactly(store: Store, tmp_path: Path) -> None:
+    """The fast COPY path: no tab or newline in any field, only backslashes (JSON's own escapes) to double."""
+    led = Ledger(tmp_path / "CAB-B" / "ledger.db")
+    led.append("event", {"kind": "note", "text": 'say "hi" \\ back\\slash \\n not a newline, \u00e9'},
+               "2026-11-29T08:00:00.000Z")
+    led.append("event", {"kind": "note", "text": "plain"}, "2026-11-29T08:00:01.000Z")
+    assert feed(store, ledger_batch(led, 1, 2)).acks == {"CAB-B": 2}
+    again = feed(store, ledger_batch(led, 1, 2))
+    assert again.duplicates == 2 and again.anomalies == []
+
+
+def _record(seq: int, prev: str, at: str, body: Any) -> dict[str, Any]:
+    """A record whose hash fits its content as Python's json reads it (NaN included)."""
+    return {"seq": seq, "type": "event", "at": at, "prev": prev, "body": body,
+            "hash": protocol.record_hash(seq, "event", at, prev, body)}
+
+
+@pytest.mark.parametrize("poison", ["nan", "nul"])
+def test_a_record_no_database_can_hold_is_refused_alone(store: Store, tmp_path: Path, poison: str) -> None:
+    """NaN is not JSON (the json column refuses it) and a NUL is no text: such a record, hash and all,
+    is broken_chain, and the records it arrived with in the same transaction are stored and acked."""
+    good = make_ledger(tmp_path, "CAB-G", 3)
+    first = _record(1, protocol.ZERO_HASH, "2026-11-29T08:00:00.000Z", {"kind": "x"})
+    bad = _record(2, first["hash"], "2026-11-29T08:00:01.000Z\x00" if poison == "nul" else "2026-11-29T08:00:01.000Z",
+                  {"kind": "x", "v": float("nan") if poison == "nan" else 1})
+    payload = json.dumps({"cabinet": "CAB-P", "records": [first, bad]}).encode()
+    result = feed(store, ledger_batch(good, 1, 3), payload)
+    assert result.acks == {"CAB-G": 3, "CAB-P": 1}
+    [anomaly] = report.build(store)["anomalies"]
+    assert (anomaly["cabinet"], anomaly["seq"], anomaly["kind"]) == ("CAB-P", 2, "broken_chain"), anomaly
+    assert ("NaN is not JSON" if poison == "nan" else "NUL") in anomaly["detail"], anomaly
+
+
+def test_a_payload_nested_too_deeply_is_malformed_not_a_crash() -> None:
+    with pytest.raises(BatchError):
+        parse_batch(b'{"cabinet":"CAB-X","records":[' + b"[" * 200_000 + b"]" * 200_000 + b"]}")
+
+
+def test_bodies_encoded_together_split_exactly_even_around_the_separator(tmp_path: Path) -> None:
+    """One encode call per batch, split on a random separator; a body holding the separator itself is
+    seen (the split comes out one piece too many) and every body is then encoded alone."""
+    from agent.platform import chain
+
+    token = chain._SEPARATOR_TOKEN
+    led = Ledger(tmp_path / "CAB-S" / "ledger.db")
+    for i, text in enumerate(["a", chain._SEPARATOR, f"x{token}y", "\u2028 \\ \"", "z"]):
+        led.append("event", {"kind": "note", "text": text, "n": i, "f": 0.1 * i}, f"2026-11-29T08:00:0{i}.000Z")
+    batch = parse_batch(ledger_batch(led, 1, 5))      # strings: their quotes are escaped, no false separator
+    assert batch.rejected == [] and [r.seq for r in batch.records] == [1, 2, 3, 4, 5]
+    assert chain._bodies_json([json.loads(r.body_json) for r in batch.records]) is not None
+    led.append("event", {"kind": "note", "list": [1, token, 2]}, "2026-11-29T08:00:06.000Z")   # a real one
+    batch = parse_batch(ledger_batch(led, 1, 6))
+    assert chain._bodies_json([json.loads(r.body_json) for r in batch.records]) is None        # seen ...
+    assert batch.rejected == [] and [r.seq for r in batch.records] == [1, 2, 3, 4, 5, 6]        # ... and right
+    for rec in batch.records:
+        body = json.loads(rec.body_json)
+        assert (rec.hash, rec.body_json) == hash_and_body(rec.seq, rec.type, rec.at, rec.prev, body)

@@ -32,7 +32,7 @@ from helpers import wait_until
 pytestmark = pytest.mark.timeout(180)
 
 TIMINGS = Timings(latch_release_s=0.15, settle_s=0.3, open_timeout_s=10.0, door_open_alarm_s=60.0,
-                  ack_timeout_s=3.0)
+                  ack_timeout_s=3.0, reconnect_spread_s=0.5)
 OUTAGE_S = 3.0   # how long the broker stays away (the fault itself)
 
 
