@@ -238,7 +238,10 @@ class BarcodePipeline:
         return _to_frame(self._zb.read(small), scale * f, inverse, offset)
 
     def _regions(self, gray: np.ndarray) -> list[Read]:
-        """Barcode-like regions of a frame whose whole-frame pass read nothing."""
+        """Barcode-like regions of a frame whose whole-frame pass read nothing, the largest
+        first, until one reads: the rest of a noisy frame's regions (texture, edges) cost three
+        reads each and found nothing on any real photo or generated frame (720p p95 36 -> 23 ms
+        in one run); a second code waits until the first leaves the view, as after the quick pass."""
         found: list[Read] = []
         for region in barcode_regions(gray, self.max_regions):
             if _covered(region, [r.box for r in found]):
@@ -260,6 +263,8 @@ class BarcodePipeline:
                 raw = self._zx.read(sharpened_2x(view), try_rotate=False, try_invert=False)
                 got = _to_frame(raw, 2.0, inverse, (x0, y0))
             found.extend(got)
+            if found:
+                break
         return found
 
 

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from drivers.camera import decoder as decoder_module
 from drivers.camera import symbology as sym
 from drivers.camera import synth
 from drivers.camera.decoder import QUICK, BarcodePipeline, Decoded
@@ -153,6 +154,25 @@ def test_a_code_turned_90_degrees_is_read_in_its_region() -> None:
     calls = _Counting(pipe, turned.shape)
     assert pipe.decode(turned) == [Decoded(spec.symbology, spec.text, spec.gtin)]
     assert calls.full_frame == ["quick"]  # the region, straightened, read it: no full search
+
+
+def test_the_region_search_stops_at_the_first_region_that_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, frame = _frame("ean13", 12)
+    turned = np.ascontiguousarray(np.rot90(frame))
+    real = decoder_module.barcode_regions
+    decoy = (0, 0, 40, 40)   # a corner of the frame, after the code's own region: never looked at
+    monkeypatch.setattr(decoder_module, "barcode_regions", lambda gray, n: [*real(gray, n), decoy])
+    crops: list[tuple[int, ...]] = []
+    real_deskew = decoder_module.deskew
+
+    def spy(crop: np.ndarray, *a: float) -> tuple[np.ndarray, np.ndarray] | None:
+        crops.append(crop.shape)   # every region the search looks at is straightened first
+        return real_deskew(crop, *a)
+
+    monkeypatch.setattr(decoder_module, "deskew", spy)
+    pipe = BarcodePipeline()
+    assert pipe.decode(turned) == [Decoded(spec.symbology, spec.text, spec.gtin)]
+    assert crops and (40, 40) not in crops
 
 
 def test_a_light_on_dark_code_is_found_by_the_full_search() -> None:
