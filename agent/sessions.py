@@ -82,6 +82,8 @@ class SessionRunner:
         door = cmd.args["door"]
         waiting = self.pending_open.get(door)
         if waiting is not None and waiting.command.id == cmd.id:
+            if waiting.command != cmd:   # another command under the id of the one that waits
+                raise Rejected("replay: command id seen before", cmd.id, cmd.type)
             waiting.done.append(done)   # delivered again while it waits: one outcome for both
             return
         self._check_can_open(cmd, door, probe_ok=True)

@@ -131,9 +131,9 @@ class Cabinet:
         self.core.step()
         return cid
 
-    def open_door(self, session_id: str | None = None) -> str:
+    def open_door(self, session_id: str | None = None, cid: str | None = None) -> str:
         return self.command("open_door", {"door": 1, "session_id": session_id or str(uuid.uuid4()),
-                                          "shopper": "ref-1", "auth": "face"})
+                                          "shopper": "ref-1", "auth": "face"}, cid)
 
     def confirm_unlock(self) -> None:
         lock, token = self.lockboard.unlocks[-1]
@@ -201,6 +201,20 @@ def test_open_door_waits_for_stable_lanes_then_is_refused(tmp_path: Path) -> Non
     assert cab.lockboard.unlocks == []
     reply = cab.reply(cid)
     assert reply["ok"] is False and reply["error"] == "not_allowed: the scales are not stable"
+
+
+def test_another_command_under_the_id_of_a_waiting_open_door_is_a_replay(tmp_path: Path) -> None:
+    cab = Cabinet(tmp_path / "data")
+    cab.feed(False, stable=False)
+    cid = cab.open_door()                       # waits for stable lanes
+    cab.open_door(cid=cid)                      # the same id, another session: not a redelivery
+    replies = cab.core_replies()
+    assert len(replies) == 1 and replies[0]["id"] == cid and replies[0]["error"].startswith("replay")
+    cab.run(1.0, False, stable=True)
+    assert len(cab.lockboard.unlocks) == 1      # the first one still gets its session
+    assert [r["ok"] for r in cab.core_replies() if r["id"] == cid] == [False]   # unlock not confirmed yet
+    cab.confirm_unlock()
+    assert [r["ok"] for r in cab.core_replies() if r["id"] == cid] == [False, True]
 
 
 def test_open_door_that_waited_starts_once_the_lanes_are_stable(tmp_path: Path) -> None:

@@ -399,9 +399,12 @@ def test_the_core_answers_anything_on_the_command_topic_within_the_contract(payl
             assert rid is None or rid in sent, rid
             assert reply["ok"] is True or isinstance(reply["error"], str)
         # every payload is answered once, except those that name no usable id (answered with id null
-        # or not at all); a valid command is answered ok, anything else refused
+        # or not at all) and the same bytes delivered again while the first waits (one outcome for
+        # both, as for a broker's redelivery); a valid command is answered ok, anything else refused
         named = [p for p in payloads if _payload_id(p) is not None]
-        assert len([r for r in replies if r["id"] is not None]) == len(named)
+        answered = [r["id"] for r in replies if r["id"] is not None]
+        assert set(answered) == {_payload_id(p) for p in named}
+        assert len(set(named)) <= len(answered) <= len(named)
         bad, why = core.ledger.verify()
         assert bad is None, why
 
