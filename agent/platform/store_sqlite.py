@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,12 +114,31 @@ class SqliteStore(Store):
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = FULL")
-            if create:
-                self._conn.executescript(SCHEMA)
+            self._set_up(create)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
+
+    def _set_up(self, create: bool) -> None:
+        """WAL, FULL sync and the schema. Two workers opening one new file at once: switching it to
+        WAL and creating the schema under another worker's lock can fail at once with "database is
+        locked" (SQLite does not busy-wait there), so that is tried again until the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        delay = 0.005
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = FULL")
+                if create:
+                    # under the write lock from the start: a plain CREATE reads the schema first
+                    self._conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
+                return
+            except sqlite3.OperationalError as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)   # another worker holds the file for a moment
+                delay = min(0.2, delay * 2)
 
     def ensure_cabinets(self, cabinets: Sequence[str]) -> None:
         new = [c for c in cabinets if c not in self._known]

@@ -214,7 +214,11 @@ def test_two_workers_writing_the_same_cabinets_at_once(db_dsn: str, tmp_path: Pa
     lock = threading.Lock()
 
     def worker(flushes: list[list[bytes]]) -> None:
-        s = open_store(db_dsn)
+        try:
+            s = open_store(db_dsn)   # beside the other worker, which may be writing already
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+            return
         try:
             for msgs in flushes:
                 result = intake.apply_flush(s, [parse_batch(m) for m in msgs], [], NOW)

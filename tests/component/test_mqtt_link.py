@@ -238,6 +238,11 @@ def test_a_message_above_max_message_mb_is_dropped_and_not_sent_again(
         assert rig.inbound(CMD).payload == b"barrier 1"
         # MQTT 5: the broker itself holds it back (our Maximum Packet Size); 3.1.1: read and discarded
         assert rig.link.stats.dropped_too_large == (0 if version == "5" else 1)
+        # what the link sent before this reached the broker (one TCP stream through the proxy),
+        # its PUBACK of the dropped message included: only then is the connection cut
+        peer.subscribe("probe/ordered")
+        rig.link.publish("probe/ordered", b"after the puback")
+        assert peer.message("probe/ordered").payload == b"after the puback"
         proxy.cut()
         rig.next(LinkUp)
         peer.publish(CMD, b"barrier 2")
