@@ -332,27 +332,26 @@ class MqttLink:
                 started = time.monotonic()
                 connects = self.stats.connects
                 self._lost_to_keepalive = False
+                own_failure = False
                 try:
                     reason = self._serve()
                 except Exception:  # noqa: BLE001 - a bug in the network loop must not end the link for good
-                    # our own failure, not the broker's: plain backoff, and the thread carries on
-                    delay = backoff_delay(attempt, *self._backoff)
-                    attempt += 1
-                    log.exception("the mqtt network loop failed; reconnecting in %.1f s", delay)
+                    log.exception("the mqtt network loop failed; reconnecting")
                     self._close_socket()
-                    self._set_down("network loop failed")
-                    self._client.abort_large()
-                    self._idle(delay)
-                    continue
+                    reason, own_failure = "network loop failed", True
                 self._set_down(reason)
                 self._client.abort_large()
                 if self._stopping.is_set():
                     break
-                if self.stats.connects and time.monotonic() - started >= STABLE_S:
-                    attempt = 0
-                if self.stats.connects > connects:    # this connection was established (CONNACK)
-                    after_loss = not self._lost_to_keepalive
-                delay = self._delay(attempt, after_loss)
+                if own_failure:
+                    # ours, not the broker's: plain backoff, growing while the bug recurs
+                    delay = backoff_delay(attempt, *self._backoff)
+                else:
+                    if self.stats.connects and time.monotonic() - started >= STABLE_S:
+                        attempt = 0
+                    if self.stats.connects > connects:    # this connection was established (CONNACK)
+                        after_loss = not self._lost_to_keepalive
+                    delay = self._delay(attempt, after_loss)
                 attempt += 1
                 log.info("reconnecting to the platform in %.1f s (%s%s)", delay, reason,
                          f"; spread over {self._spread_s:g} s after the broker ended the connection"
