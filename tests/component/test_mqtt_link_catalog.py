@@ -112,16 +112,16 @@ def test_at_most_one_snapshot_waits_the_newest(store: CatalogStore, key: Ed25519
     try:
         with w.worker._lock:  # an install is running: everything submitted now waits
             w.worker.submit(Document.from_bytes(SNAPSHOT, catalog(key, 1, 10), release=lambda: finished.append("v1")))
+            wait_until(lambda: w.worker.waiting == 0, 10, "the worker took v1 and waits for the lock")
             w.worker.submit(Document.from_bytes(SNAPSHOT, catalog(key, 2, 10), release=lambda: finished.append("v2")))
             w.worker.submit(Document.from_bytes(SNAPSHOT, catalog(key, 3, 10), release=lambda: finished.append("v3")))
-            assert w.worker.waiting <= 1
-            assert "v2" in finished  # superseded: acknowledged at once, never installed
-        versions = [w.outcome().result.version]
-        if versions[0] != 3:
-            versions.append(w.outcome().result.version)
-        assert versions[-1] == 3 and 2 not in versions
+            assert w.worker.waiting == 1
+            assert finished == ["v2"]  # superseded: acknowledged at once, never installed
+        versions = [w.outcome().result.version, w.outcome().result.version]
+        assert versions == [1, 3]
         assert store.version == 3
-        assert set(finished) == {"v1", "v2", "v3"}
+        wait_until(lambda: len(finished) == 3, 10, "every document acknowledged")  # finished after its outcome
+        assert sorted(finished) == ["v1", "v2", "v3"]
     finally:
         w.worker.stop()
 
@@ -135,11 +135,14 @@ def test_deltas_wait_in_order_up_to_a_bound(store: CatalogStore) -> None:
             for n in range(6):
                 done = functools.partial(finished.append, n)
                 w.worker.submit(Document.from_bytes(DELTA, b"not json %d" % n, release=done))
+                if n == 0:
+                    wait_until(lambda: w.worker.waiting == 0, 10, "the worker took the first and waits for the lock")
             assert w.worker.waiting == 4
-            assert 1 in finished and not {2, 3, 4, 5} & set(finished)  # only the oldest were superseded
-        judged = [w.outcome() for _ in range(4)]
+            assert finished == [1]  # only the oldest waiting one was superseded
+        judged = [w.outcome() for _ in range(5)]
         assert all(o.error is not None and o.error.reason == "invalid" for o in judged)
-        assert finished[-4:] == [2, 3, 4, 5]  # installed (here: rejected) in the order they came
+        wait_until(lambda: len(finished) == 6, 10, "every document acknowledged")
+        assert finished == [1, 0, 2, 3, 4, 5]  # installed (here: rejected) in the order they came
     finally:
         w.worker.stop()
 
