@@ -22,6 +22,7 @@
 
 Usage: python scripts/bench_fleet.py [--cabinets 1000] [--backlog 200] [--workers 2]
        [--steady 120] [--outage 0] [--no-restart] [--no-alone] [--json-out FILE]
+       [--keep-logs DIR]
 """
 
 from __future__ import annotations
@@ -271,6 +272,7 @@ def main() -> int:
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--no-alone", action="store_true", help="skip the ingest alone (the same batches, no fleet)")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--keep-logs", type=Path, help="copy the broker's and the workers' logs into this folder")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # mosquitto inherits it: 1,000 clients and more
@@ -461,6 +463,10 @@ def main() -> int:
         broker.close()
         admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         admin.close()
+        if a.keep_logs:
+            a.keep_logs.mkdir(parents=True, exist_ok=True)
+            for lg in work.glob("*.log"):
+                shutil.copy(lg, a.keep_logs / lg.name)
         shutil.rmtree(work, ignore_errors=True)
     results["load_after"] = os.getloadavg()
     for line in results["worker_stats"]:

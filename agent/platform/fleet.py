@@ -78,7 +78,7 @@ class FleetSpec:
     ack_timeout_s: float = 30.0
     max_batch: int = 100
     backlog: int = 0                      # records each cabinet holds before it first connects
-    hold: bool = False                    # connect, but send nothing until go()
+    hold: bool = False                    # connect, but send nothing (no status either) until go()
     seed: int = 1
     tls: TlsFiles = field(default_factory=TlsFiles)
     count_connects: bool = False          # record every TCP connect attempt (fleet processes only)
@@ -379,7 +379,8 @@ class CabinetGroup:
             cab.link.ack(item)
         elif isinstance(item, LinkUp):
             cab.syncer.rewind(now)
-            cab.publish_status(now)
+            if not self._held:
+                cab.publish_status(now)
         elif isinstance(item, PublishFailed):
             cab.syncer.rewind(now)
         elif isinstance(item, LinkDown):
@@ -390,6 +391,10 @@ class CabinetGroup:
         if item == "go":
             self._held = False
             self._go_at = time.time()
+            now = time.monotonic()
+            for cab in self.cabinets:      # what a cabinet does as it comes online: its status first
+                if cab.link.connected:
+                    cab.publish_status(now)
             self._dirty.update(range(len(self.cabinets)))
             self._reschedule()
         elif isinstance(item, tuple) and item[0] == "rate":
@@ -449,7 +454,7 @@ class CabinetGroup:
             if cab.ack_dirty:
                 cab.ack_dirty = False
                 cab.ledger.flush_acked()
-            if cab.link.connected and now >= cab.next_status:
+            if cab.link.connected and not self._held and now >= cab.next_status:
                 cab.publish_status(now)
             self._dirty.add(cab.index)    # the syncer's own ack timeout
         if not self._undrained and self._go_at is not None:
