@@ -13,6 +13,10 @@ own ack timeout. So after every (re)subscription a worker also reads the retaine
 a few seconds (a plain subscription): each says how far its cabinet's ledger goes
 (``last_seq``), and what is missing is asked for like any gap.
 
+Gaps are asked for (signed ``resend``) only while no worker of the group drains a backlog: a
+record missing here is then most likely queued at a peer that is behind, and a resend repeats a
+cabinet's whole window. A worker that is catching up says so in the store (``mark_busy``).
+
 QoS 1 PUBACKs are manual and sent after the commit: with the Receive Maximum the worker
 announces, the broker never has more than that many messages outstanding at a worker, so
 its memory stays bounded; if it dies, nothing it had not stored was acked, and the cabinet
@@ -56,6 +60,7 @@ CATCHING_UP_BATCHES = RECEIVE_MAXIMUM // 4   # records messages in one flush tha
                                # it still holds thousands for us; asking for resends then only adds load
 CATCHUP_S = 5.0                # after (re)subscribing, how long the retained statuses are read
 TICK_S = 1.0                   # how often gaps are looked at
+BUSY_EVERY_S = 1.0             # how often a worker with a backlog says so in the store (its peers hold resends)
 KEEPALIVE_S = 30
 RETRY_S = 1.0                  # after a failed transaction, before the next one
 
@@ -110,6 +115,7 @@ class IngestWorker:
         self._subscribed = [threading.Event() for _ in brokers]
         self._shared_mid: list[int | None] = [None] * len(brokers)
         self._backlogged_at = -1e9    # monotonic: the last time messages waited behind a transaction
+        self._busy_told_at = -1e9     # monotonic: the last time the store was told (mark_busy)
         self._catchup_until: list[float | None] = [None] * len(brokers)   # written by paho's threads
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,7 +174,7 @@ class IngestWorker:
             except queue.Empty:
                 break
         else:
-            self._backlogged_at = time.monotonic()
+            self._note_backlog()
         return out
 
     def _flush(self, arrivals: list[Arrival]) -> None:
@@ -218,7 +224,7 @@ class IngestWorker:
             self._puback(arrivals)
             return False
         if not self._queue.empty() or len(batches) >= CATCHING_UP_BATCHES:
-            self._backlogged_at = time.monotonic()
+            self._note_backlog()
         self.stats.messages += len(arrivals)
         self.stats.flushes += 1
         self.stats.stored += result.stored
@@ -229,6 +235,26 @@ class IngestWorker:
                 self._publish_ack(cabinet, upto)
         self._puback(arrivals)
         return True
+
+    def _note_backlog(self) -> None:
+        """Messages wait behind our transactions: hold our resends, and tell the group's other workers
+        (the records they miss are most likely queued here), at most once per ``BUSY_EVERY_S``."""
+        now = time.monotonic()
+        self._backlogged_at = now
+        if now - self._busy_told_at < BUSY_EVERY_S:
+            return
+        self._busy_told_at = now
+        try:
+            self.store.mark_busy(self.group, time.time())
+        except StoreError as exc:
+            log.warning("could not tell the group about our backlog: %s", exc)
+
+    def _group_busy(self) -> bool:
+        """True while this worker or another of its group drained a backlog within the gap grace."""
+        if time.monotonic() - self._backlogged_at < self.gap_grace_s:
+            return True
+        busy_at = self.store.busy_at(self.group)
+        return busy_at is not None and time.time() - busy_at < self.gap_grace_s
 
     def _publish_ack(self, cabinet: str, upto: int) -> None:
         broker = self._route.get(cabinet)
@@ -248,10 +274,10 @@ class IngestWorker:
             if until is not None and time.monotonic() >= until:
                 self._catchup_until[index] = None
                 self._clients[index].unsubscribe(STATUS_TOPIC)
-        if time.monotonic() - self._backlogged_at < self.gap_grace_s:
-            return    # still catching up: what looks missing is most likely queued, and asking adds load
         now = time.time()
         try:
+            if self._group_busy():
+                return    # still catching up: what looks missing is most likely queued, and asking adds load
             actions = intake.due_gaps(self.store, now, self.resend_after_s, self.gap_grace_s)
             for act in actions:
                 if act.cabinet not in self._route:

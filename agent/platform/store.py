@@ -117,6 +117,18 @@ class Store(ABC):
     def claim_resend(self, cabinet: str, now: float, every_s: float) -> bool:
         """True for the one worker that may ask ``cabinet`` for a resend now (at most once per ``every_s``)."""
 
+    @abstractmethod
+    def mark_busy(self, group: str, at: float) -> None:
+        """Say that a worker of ``group`` had a backlog at ``at`` (wall clock, s); kept is the latest."""
+
+    @abstractmethod
+    def busy_at(self, group: str) -> float | None:
+        """When a worker of ``group`` last said it had a backlog (None: never).
+
+        A record missing at one worker is usually queued at another one that is behind: while any
+        worker of the group drains a backlog, none asks for resends.
+        """
+
     # -- the supervision report --------------------------------------------------------------
     @abstractmethod
     def cabinet_rows(self) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS anomalies (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS anomalies_once ON anomalies (cabinet, coalesce(seq, -1), kind, detail);
 CREATE INDEX IF NOT EXISTS cabinets_gapped ON cabinets (gap_since) WHERE gap_since IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ingest_groups (grp TEXT PRIMARY KEY, busy_at DOUBLE PRECISION NOT NULL);
 """
 
 _STATE_COLS = "cabinet, acked_upto, acked_hash, chain_start, gap_since, resend_at, online, status_last_seq"
@@ -209,6 +210,18 @@ class PgStore(Store):
         except psycopg.Error as exc:
             raise StoreError(str(exc).strip()) from exc
         return cur.rowcount == 1
+
+    def mark_busy(self, group: str, at: float) -> None:
+        try:
+            self._conn.execute("INSERT INTO ingest_groups (grp, busy_at) VALUES (%s, %s) ON CONFLICT (grp)"
+                               " DO UPDATE SET busy_at = greatest(ingest_groups.busy_at, excluded.busy_at)",
+                               (group, at))
+        except psycopg.Error as exc:
+            raise StoreError(str(exc).strip()) from exc
+
+    def busy_at(self, group: str) -> float | None:
+        rows = self._query("SELECT busy_at FROM ingest_groups WHERE grp = %s", (group,))
+        return float(rows[0][0]) if rows else None
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:

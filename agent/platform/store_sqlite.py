@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS anomalies (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS anomalies_once ON anomalies (cabinet, coalesce(seq, -1), kind, detail);
 CREATE INDEX IF NOT EXISTS cabinets_gapped ON cabinets (gap_since) WHERE gap_since IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ingest_groups (grp TEXT PRIMARY KEY, busy_at REAL NOT NULL);
 """
 
 _STATE_COLS = "cabinet, acked_upto, acked_hash, chain_start, gap_since, resend_at, online, status_last_seq"
@@ -177,6 +178,17 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
         return cur.rowcount == 1
+
+    def mark_busy(self, group: str, at: float) -> None:
+        try:
+            self._conn.execute("INSERT INTO ingest_groups (grp, busy_at) VALUES (?, ?) ON CONFLICT (grp)"
+                               " DO UPDATE SET busy_at = max(busy_at, excluded.busy_at)", (group, at))
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def busy_at(self, group: str) -> float | None:
+        rows = self._query("SELECT busy_at FROM ingest_groups WHERE grp = ?", (group,))
+        return float(rows[0][0]) if rows else None
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:

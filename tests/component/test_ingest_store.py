@@ -342,3 +342,12 @@ def test_bodies_encoded_together_split_exactly_even_around_the_separator(tmp_pat
     for rec in batch.records:
         body = json.loads(rec.body_json)
         assert (rec.hash, rec.body_json) == hash_and_body(rec.seq, rec.type, rec.at, rec.prev, body)
+
+
+def test_the_group_busy_mark_keeps_the_latest(store: Store) -> None:
+    """Workers of a group say when they last had a backlog; their peers read it before asking for resends."""
+    assert store.busy_at("ingest") is None
+    store.mark_busy("ingest", NOW)
+    store.mark_busy("ingest", NOW - 5)          # a peer with a slower clock or an older note: not moved back
+    store.mark_busy("other", NOW - 60)
+    assert store.busy_at("ingest") == NOW and store.busy_at("other") == NOW - 60

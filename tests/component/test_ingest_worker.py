@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
 from agent.platform import report
+from agent.platform.dsn import open_store
 from agent.platform.ingest import BackgroundIngest
 from agent.sim.broker import PrivateBroker
 from platform_helpers import ledger_batch, make_ledger
@@ -117,6 +119,36 @@ def test_a_gap_is_asked_for_with_a_signed_resend(workers: Any, cabinets: FakeCab
     assert cabinets.acked("CAB-W2") == 10
     cabinets.publish("cab/v1/CAB-W2/records", ledger_batch(led, 11, 20))
     cabinets.wait(lambda: cabinets.acked("CAB-W2") == 30, "ack of 30 once the gap is filled")
+
+
+def test_no_resend_while_another_worker_of_the_group_drains_a_backlog(workers: Any, cabinets: FakeCabinets,
+                                                                      tmp_path: Path) -> None:
+    """A record missing at one worker is most likely queued at a peer that is behind: while the store
+    says a worker of the group has a backlog, nobody asks; once the group was quiet for the grace, the
+    gap is asked for."""
+    key = Ed25519PrivateKey.generate()
+    workers(key=key, resend_after_s=1.0, gap_grace_s=1.0)
+    peer = open_store(f"sqlite:///{tmp_path}/ingest.db")    # another worker of the group, on the same database
+    try:
+        led = make_ledger(tmp_path / "cab", "CAB-W6", 30)
+        cabinets.publish("cab/v1/CAB-W6/status", protocol.canonical({"online": True, "cabinet": "CAB-W6"}))
+        cabinets.publish("cab/v1/CAB-W6/records", ledger_batch(led, 1, 10))
+        cabinets.publish("cab/v1/CAB-W6/records", ledger_batch(led, 21, 30))   # 11..20 queued at the peer
+        cabinets.wait(lambda: cabinets.acked("CAB-W6") == 10, "ack of 10")
+        marked = time.time()
+        until = marked + 3.0                # the peer drains for 3 s, saying so as a worker does
+        while True:
+            peer.mark_busy("ingest", marked)
+            if marked >= until:
+                break
+            threading.Event().wait(0.2)
+            marked = time.time()
+        cabinets.wait(lambda: bool(cabinets.commands), "a resend once the group is quiet", timeout=15)
+        cabinet, command = cabinets.commands[0]
+        assert (cabinet, command["type"], command["args"]) == ("CAB-W6", "resend", {"from_seq": 11})
+        assert protocol.epoch_of(command["issued_at"]) >= marked + 1.0 - 0.01   # not while the peer was busy
+    finally:
+        peer.close()
 
 
 def test_retained_statuses_are_read_after_subscribing(broker: PrivateBroker, workers: Any,
