@@ -135,11 +135,12 @@ def main() -> int:
         cab.start(assign_lanes=False)
         try:
             assert cab.platform and cab.agent and cab.broker
+            platform = cab.platform
             proc = psutil.Process(cab.agent.pid)
             rss_start = proc.memory_info().rss
             total = n + 1  # + agent_started
             # the platform withholds acks: the agent sends its window and waits
-            cab.platform.wait_for(lambda: len(cab.platform.records) >= 1000, 30, "first batches while acks withheld")
+            platform.wait_for(lambda: len(platform.records) >= 1000, 30, "first batches while acks withheld")
             samples: list[int] = []
             stop = threading.Event()
 
@@ -152,10 +153,10 @@ def main() -> int:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            held = cab.platform.contiguous_upto   # already delivered while acks were withheld
+            held = platform.contiguous_upto   # already delivered while acks were withheld
             t0 = time.perf_counter()
-            cab.platform.set_auto_ack(True)
-            cab.platform.wait_for(lambda: bool(cab.platform.acks_sent) and cab.platform.acks_sent[-1] >= total,
+            platform.set_auto_ack(True)
+            platform.wait_for(lambda: bool(platform.acks_sent) and platform.acks_sent[-1] >= total,
                                   600, "every record acknowledged")
             elapsed = time.perf_counter() - t0
             stop.set()

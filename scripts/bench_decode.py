@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,8 +125,8 @@ def real_photos(ablations: bool) -> bool:
         for label, kw in ABLATIONS.items():
             p = BarcodePipeline(**kw)  # type: ignore[arg-type]
             part = {g.name: corpus.score_group(g, p.decode) for g in groups}
-            fam = corpus.by_family(groups, part)
-            cells = ", ".join(f"{f} {s.ok}" for f, s in fam.items() if s.items)
+            by_family = corpus.by_family(groups, part)
+            cells = ", ".join(f"{f} {s.ok}" for f, s in by_family.items() if s.items)
             print(f"  {label:44s} misreads {sum(s.misreads for s in part.values()):3d}   {cells}")
         base = corpus.by_family(groups, scores["ours"])
         print(f"  {'(all rules: the default)':44s} misreads {mis:3d}   "
@@ -168,7 +169,8 @@ def run_rates(per_case: int, seed: int, rounds: int = 1, full_first: bool = Fals
             pipe.decode(samples[0].image)  # warm-up (library load, first allocations)
         names = list(pipes)
         for rnd in range(rounds):
-            for i, s in enumerate([*samples, *empties]):
+            frames: list[Any] = [*samples, *empties]
+            for i, s in enumerate(frames):
                 k = (i + rnd) % len(names)
                 for name in names[k:] + names[:k]:  # who goes first rotates
                     t = time.perf_counter()

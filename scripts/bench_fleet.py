@@ -123,6 +123,13 @@ class Workers:
         return [ln.split("stopped: ")[-1] for ln in lines]
 
 
+def one(conn: psycopg.Connection[tuple[Any, ...]], sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    """The one row a query that always has one returns."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None, sql
+    return row
+
+
 def wait_for(pred: Any, timeout: float, what: str, every: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -219,8 +226,8 @@ def ingest_alone(dsn: str, n_workers: int, key: Path, work: Path) -> dict[str, A
         t0 = time.monotonic()
         client, _ = publish_all(broker, payloads, "bench-alone")
         with psycopg.connect(dsn2) as conn:
-            wait_for(lambda: conn.execute("SELECT count(*) FROM cabinets WHERE acked_upto * %s = %s",
-                                          (cabinets, total)).fetchone()[0] == cabinets,
+            wait_for(lambda: one(conn, "SELECT count(*) FROM cabinets WHERE acked_upto * %s = %s",
+                                 (cabinets, total))[0] == cabinets,
                      600, "the ingest alone stored and acked everything", every=0.1)
         elapsed = time.monotonic() - t0
         cpu1 = {k: cpu_of(v) for k, v in pids.items()}
@@ -339,9 +346,9 @@ def main() -> int:
         ingest_us = cpu_per_k["workers"] + cpu_per_k["postgres"] + cpu_per_k["broker"]
         fleet_idle_us = idle_cores["fleet"] * polled_s / total * 1e6
         with psycopg.connect(dsn) as conn:
-            stored, distinct = conn.execute("SELECT count(*), count(DISTINCT (cabinet, seq)) FROM records").fetchone()
-            acked_ok = conn.execute("SELECT count(*) FROM cabinets WHERE acked_upto = %s", (a.backlog,)).fetchone()[0]
-            anomalies = conn.execute("SELECT count(*) FROM anomalies").fetchone()[0]
+            stored, distinct = one(conn, "SELECT count(*), count(DISTINCT (cabinet, seq)) FROM records")
+            acked_ok = one(conn, "SELECT count(*) FROM cabinets WHERE acked_upto = %s", (a.backlog,))[0]
+            anomalies = one(conn, "SELECT count(*) FROM anomalies")[0]
         log(f"drain: {total} records in {drain_s:.2f} s = {rate:,.0f} records/s stored and acked; "
             f"published {st.published} (resent {st.published - total}); stored {stored} ({distinct} distinct),"
             f" {acked_ok} cabinets acked to {a.backlog}, {anomalies} anomalies; {load()}")

@@ -152,8 +152,8 @@ class LedgerProbe:
         row = self.session(session_id)
         if row is None:
             return False
-        return {"journal": True, "opened": row["opened_at"] is not None, "closed": row["closed_at"] is not None,
-                "ended": row["state"] == "ended"}[which]
+        return bool({"journal": True, "opened": row["opened_at"] is not None, "closed": row["closed_at"] is not None,
+                     "ended": row["state"] == "ended"}[which])
 
     def close(self) -> None:
         with self._lock:
