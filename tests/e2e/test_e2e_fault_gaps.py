@@ -61,11 +61,16 @@ def control_status(cab: SimulatedCabinet) -> dict[str, Any]:
     return result
 
 
-def barrier(cab: SimulatedCabinet) -> None:
-    """Everything the core did for what was published to it before has left on the link."""
+def barrier(cab: SimulatedCabinet, tap: RecordsTap | None = None) -> None:
+    """Everything the core did for what was published to it before has left on the link; with
+    ``tap``, it has also reached the tap (the broker delivers to each subscriber on its own: the
+    platform holding the reply says nothing about how far another subscriber's queue is)."""
     assert cab.platform
-    reply = cab.platform.wait_reply(cab.platform.send_command("status", {}), 15)
+    cid = cab.platform.send_command("status", {})
+    reply = cab.platform.wait_reply(cid, 15)
     assert reply["ok"] is True, reply
+    if tap is not None:
+        tap.wait_for(lambda: cid in tap.replies, 15, f"the reply to {cid}")
 
 
 def ledger_hashes(cab: SimulatedCabinet) -> dict[int, str]:
@@ -146,12 +151,14 @@ class RecordsTap:
     def __init__(self, cab: SimulatedCabinet) -> None:
         assert cab.broker
         self.topic = f"cab/v1/{cab.cabinet_id}/records"
+        reply_topic = protocol.Topics(cab.cabinet_id).reply
         self._cond = threading.Condition()
         self.batches: list[list[int]] = []
+        self.replies: set[str] = set()      # ids of the replies seen: barrier(cab, tap) waits for one
         self._ready = False
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"tap-{uuid.uuid4().hex[:10]}",
                              clean_session=True, protocol=mqtt.MQTTv311)
-        client.on_connect = lambda c, *_: c.subscribe(self.topic, qos=1)
+        client.on_connect = lambda c, *_: c.subscribe([(self.topic, 1), (reply_topic, 1)])
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.connect(cab.broker.host, cab.broker.port, keepalive=30)
@@ -165,9 +172,12 @@ class RecordsTap:
             self._cond.notify_all()
 
     def _on_message(self, _client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        seqs = [rec["seq"] for rec in json.loads(msg.payload)["records"]]
+        obj = json.loads(msg.payload)
         with self._cond:
-            self.batches.append(seqs)
+            if msg.topic == self.topic:
+                self.batches.append([rec["seq"] for rec in obj["records"]])
+            else:
+                self.replies.add(obj["id"])
             self._cond.notify_all()
 
     def wait_for(self, predicate: Any, timeout: float, what: str) -> None:
@@ -226,7 +236,7 @@ def test_resend_from_seq_1_keeps_to_the_window_and_loses_nothing(tmp_path: Path,
         reply = p.wait_reply(p.send_command("resend", {"from_seq": 1}), 15)
         assert reply["ok"] is True and reply["result"]["from_seq"] == 1, reply
         tap.wait_for(lambda: len(set(tap.seqs(mark))) >= WINDOW, 20, "the window resent")
-        barrier(cab)
+        barrier(cab, tap)
         resent = tap.seqs(mark)
         assert max(resent) == WINDOW and set(resent) == set(range(1, WINDOW + 1)), (min(resent), max(resent))
         assert max(p.records) == WINDOW
@@ -246,7 +256,7 @@ def test_resend_from_seq_1_keeps_to_the_window_and_loses_nothing(tmp_path: Path,
         reply = p.wait_reply(p.send_command("resend", {"from_seq": 1}), 15)
         assert reply["ok"] is True, reply
         p.wait_for(lambda: p.duplicates - dups >= WINDOW, 20, "the window resent below the ack watermark")
-        barrier(cab)
+        barrier(cab, tap)
         resent = tap.seqs(mark)
         assert resent == list(range(1, WINDOW + 1)), (len(resent), resent[:3], resent[-3:])
         assert p.duplicates - dups == WINDOW
