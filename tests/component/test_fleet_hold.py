@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.platform import fleet, keys
 from agent.sim.broker import PrivateBroker
-from helpers import wait_until
+from helpers import subscriber, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,14 +27,7 @@ class Watcher:
     def __init__(self, broker: PrivateBroker) -> None:
         self.seen: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="hold-watcher", protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe("cab/v1/#", qos=1)
-        assert subscribed.wait(10)
+        self.client = subscriber(broker.host, broker.port, "hold-watcher", "cab/v1/#", self._on_message)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic.startswith("cab/v1/HOLD-"):

@@ -29,7 +29,7 @@ from agent import protocol
 from agent.platform import fleet, keys, report
 from agent.platform.dsn import open_store
 from agent.sim.broker import PrivateBroker
-from helpers import wait_until
+from helpers import subscriber, wait_until
 from platform_helpers import db_dsn, ledger_batch, make_ledger, pg_dsn  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -79,14 +79,8 @@ class Observer:
     def __init__(self, broker: PrivateBroker) -> None:
         self.acks: list[int] = []
         self._lock = threading.Lock()
-        ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer", protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe("cab/v1/CAB-FORGED/records/ack", qos=1)
-        assert ready.wait(10)
+        self.client = subscriber(broker.host, broker.port, "observer", "cab/v1/CAB-FORGED/records/ack",
+                                 self._on_message)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
