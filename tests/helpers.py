@@ -28,17 +28,17 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-def subscriber(host: str, port: int, client_id: str, topic: str,
+def subscriber(host: str, port: int, client_id: str, topic: str | list[str],
                on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]) -> mqtt.Client:
-    """A bystander MQTT 5 client: connected, its network loop running, subscribed to ``topic`` (QoS 1)
-    before it is returned. Stop it with ``disconnect()`` and ``loop_stop()``."""
+    """A bystander MQTT 5 client: connected, its network loop running, subscribed to ``topic`` (one or
+    several, QoS 1) before it is returned. Stop it with ``disconnect()`` and ``loop_stop()``."""
     subscribed = threading.Event()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
     client.connect(host, port)
     client.loop_start()
-    client.subscribe(topic, qos=1)
+    client.subscribe([(t, 1) for t in ([topic] if isinstance(topic, str) else topic)])
     if not subscribed.wait(10):
         client.loop_stop()
         raise AssertionError(f"{client_id}: not subscribed to {topic} within 10 s")

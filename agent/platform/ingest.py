@@ -249,12 +249,11 @@ class IngestWorker:
         except StoreError as exc:
             log.warning("could not tell the group about our backlog: %s", exc)
 
-    def _group_busy(self) -> bool:
-        """True while this worker or another of its group drained a backlog within the gap grace."""
-        if time.monotonic() - self._backlogged_at < self.gap_grace_s:
-            return True
+    def _group_busy(self, now: float) -> bool:
+        """True while a worker of the group (this one told the store too) drained a backlog within the
+        gap grace; ``now`` is wall-clock time."""
         busy_at = self.store.busy_at(self.group)
-        return busy_at is not None and time.time() - busy_at < self.gap_grace_s
+        return busy_at is not None and now - busy_at < self.gap_grace_s
 
     def _publish_ack(self, cabinet: str, upto: int) -> None:
         broker = self._route.get(cabinet)
@@ -274,11 +273,13 @@ class IngestWorker:
             if until is not None and time.monotonic() >= until:
                 self._catchup_until[index] = None
                 self._clients[index].unsubscribe(STATUS_TOPIC)
+        if time.monotonic() - self._backlogged_at < self.gap_grace_s:
+            return    # still catching up: what looks missing is most likely queued, and asking adds load
         now = time.time()
         try:
-            if self._group_busy():
-                return    # still catching up: what looks missing is most likely queued, and asking adds load
             actions = intake.due_gaps(self.store, now, self.resend_after_s, self.gap_grace_s)
+            if actions and self._group_busy(now):
+                return    # a peer is catching up: what we miss is most likely queued there
             for act in actions:
                 if act.cabinet not in self._route:
                     continue   # never heard from it: another worker will ask

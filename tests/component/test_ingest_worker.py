@@ -20,6 +20,7 @@ from agent.platform import report
 from agent.platform.dsn import open_store
 from agent.platform.ingest import BackgroundIngest
 from agent.sim.broker import PrivateBroker
+from helpers import subscriber
 from platform_helpers import ledger_batch, make_ledger
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,14 +33,8 @@ class FakeCabinets:
         self._cond = threading.Condition()
         self.acks: dict[str, list[int]] = {}
         self.commands: list[tuple[str, dict[str, Any]]] = []
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fake-cabinets", protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe([("cab/v1/+/records/ack", 1), ("cab/v1/+/cmd", 1)])
-        assert self._subscribed.wait(10)
+        self.client = subscriber(broker.host, broker.port, "fake-cabinets", ["cab/v1/+/records/ack", "cab/v1/+/cmd"],
+                                 self._on_message)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         cabinet = msg.topic.split("/")[2]
